@@ -1,0 +1,101 @@
+"""Evaluation metrics (visurf_ray.rewards.metrics): gIoU, cIoU, N-Acc, point accuracy, accuracy, component means."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from visurf_ray.rewards.geometry import box_mask
+from visurf_ray.rewards.metrics import TASK_METRICS, evaluate, mask_overlap
+
+
+def answer(text: str) -> str:
+    return f"<think>r.</think><answer>{text}</answer>"
+
+
+def objects(*boxes) -> str:
+    return json.dumps([{"bbox_2d": list(b), "point_2d": [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]} for b in boxes])
+
+
+def test_box_mask_is_inclusive_and_clipped():
+    mask = box_mask([(2, 1, 4.5, 1), (-5, -5, 0, 0), (8, 8, 20, 20)], (10, 10))
+    expected = np.zeros((10, 10), dtype=bool)
+    expected[1, 2:5] = True  # x 2..4 (4.5 covers column 4 only), y 1
+    expected[0, 0] = True  # clipped to the top-left pixel
+    expected[8:, 8:] = True  # clipped to the bottom-right corner
+    np.testing.assert_array_equal(mask, expected)
+    assert box_mask([(20, 20, 30, 30)], (10, 10)).sum() == 0
+    with pytest.raises(ValueError, match="image_size"):
+        box_mask([], None)
+
+
+def test_mask_overlap_of_one_sample():
+    overlap = mask_overlap(answer(objects((5, 0, 14, 9))), objects((0, 0, 9, 9)), (20, 10))
+    assert (overlap.intersection, overlap.union) == (50, 150)
+    assert overlap.iou == pytest.approx(1 / 3, abs=1e-15)
+    two = mask_overlap(answer(objects((0, 0, 9, 9), (5, 0, 14, 9))), objects((0, 0, 9, 9)), (20, 10))
+    assert (two.intersection, two.union) == (100, 150)  # the union of the predicted boxes is one mask
+    invalid = mask_overlap(answer('[{"bbox_2d": [9, 0, 0, 9]}]'), objects((0, 0, 9, 9)), (20, 10))
+    assert (invalid.intersection, invalid.union, invalid.iou) == (0, 100, 0.0)
+
+
+def test_grounding_metrics_giou_ciou_n_acc():
+    truth = objects((0, 0, 9, 9))
+    completions = [
+        answer(objects((0, 0, 9, 9))),  # IoU 1: 100 / 100
+        answer(objects((5, 0, 14, 9))),  # IoU 1/3: 50 / 150
+        answer("[]"),  # correct empty prediction: IoU 1, adds 0 / 0
+        answer(objects((0, 0, 4, 9))),  # false positive on an empty truth: IoU 0, adds 0 / 50
+        "no answer",  # invalid on an empty truth: IoU 0, not a correct empty prediction
+        answer("[]"),  # empty prediction for a non-empty truth: IoU 0, adds 0 / 100
+    ]
+    solutions = [truth, truth, "[]", "[]", "[]", truth]
+    metrics = evaluate("grounding", completions, solutions, [(20, 10)] * 6)
+    assert metrics["giou"] == pytest.approx((1 + 1 / 3 + 1 + 0 + 0 + 0) / 6, abs=1e-15)
+    assert metrics["ciou"] == pytest.approx((100 + 50) / (100 + 150 + 50 + 100), abs=1e-15)
+    assert metrics["n_acc"] == pytest.approx(1 / 3, abs=1e-15)
+    # On a 20×10 image the thresholds shrink to 10·20/840 and 30·20/840 px, so (5, 0, 14, 9) earns nothing.
+    assert metrics["mean_accuracy"] == pytest.approx((3 + 0 + 3 + 0 + 0 + 0) / 6, abs=1e-15)
+    assert metrics["success_rate"] == pytest.approx(2 / 6, abs=1e-15)
+    assert metrics["mean_overall"] == pytest.approx(
+        np.mean([metrics[f"mean_{n}"] for n in ("thinking_format", "non_repeat", "answer_format", "accuracy")]) * 4
+    )
+
+
+def test_grounding_metrics_undefined_ratios_are_nan_and_default_grid_is_840():
+    metrics = evaluate("grounding", [answer("[]")], ["[]"])
+    assert metrics["giou"] == 1.0 and metrics["n_acc"] == 1.0 and math.isnan(metrics["ciou"])
+    full = evaluate("grounding", [answer(objects((0, 0, 839, 839)))], [objects((0, 0, 2000, 2000))])
+    assert full["giou"] == 1.0 and math.isnan(full["n_acc"])  # the true box is clipped to the 840×840 grid
+
+
+def test_point_accuracy_anomaly_accuracy_and_count_accuracy():
+    gui_solution = json.dumps([{"bbox_2d": [10, 10, 20, 20], "point_2d": [15, 15]}])
+    gui = evaluate(
+        "gui_point", [answer('[{"point_2d": [12, 19]}]'), answer('[{"point_2d": [21, 15]}]')], [gui_solution] * 2
+    )
+    assert gui["point_accuracy"] == 0.5
+    defect = '{"defect": true, "bbox_2d": [0, 0, 10, 10]}'
+    anomaly_completions = [answer('{"defect": true, "bbox_2d": [50, 50, 60, 60]}'), answer('{"defect": false}'), "none"]
+    anomaly = evaluate("anomaly", anomaly_completions, [defect, '{"defect": false}', '{"defect": false}'])
+    assert anomaly["accuracy"] == pytest.approx(2 / 3, abs=1e-15)  # presence only: a wrong box still counts right
+    assert anomaly["mean_accuracy"] == pytest.approx((1 + 2 + 0) / 3, abs=1e-15)
+    count = evaluate("count", [answer("\\boxed{3}"), answer("4"), answer("3.0")], ["3", "3", "3"])
+    assert count["accuracy"] == pytest.approx(2 / 3, abs=1e-15)
+    assert set(TASK_METRICS) == {"grounding", "gui_point", "anomaly", "count"}
+
+
+def test_evaluate_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        evaluate("count", [], [])
+    with pytest.raises(ValueError, match="differ in length"):
+        evaluate("count", ["a", "b"], ["3"])
+    with pytest.raises(ValueError, match="differ in length"):
+        evaluate("count", ["a"], ["3"], [None, None])
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate("ocr", ["a"], ["3"])
+    with pytest.raises(ValueError, match="sample 1: solution"):
+        evaluate("grounding", ["a", "b"], ["[]", "[{}]"])
+    with pytest.raises(ValueError, match="sample 0: image_size"):
+        evaluate("grounding", ["a"], ["[]"], [(0, 0)])

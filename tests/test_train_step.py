@@ -1,0 +1,157 @@
+"""One training step on a small real Qwen2.5-VL: members, label presence, rewards, advantages and the update.
+
+Rollouts come either from the real HF backend or, where a test needs known rewards, from `ScriptedBackend`, a
+rollout backend that returns chosen completion texts (the step, not the sampler, is under test there)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from visurf_ray.config import DeepSpeedConfig, OptimConfig
+from visurf_ray.data.benchmark import make_split
+from visurf_ray.models.policy import load_policy
+from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm
+from visurf_ray.rollout.base import Rollouts, SamplingConfig
+from visurf_ray.rollout.hf import HFRolloutBackend
+from visurf_ray.train.engine import build_engine
+from visurf_ray.train.step import train_step
+
+
+class ScriptedBackend:
+    """Returns, for every prompt, the same chosen completion texts (tokenized with the policy's tokenizer + eos)."""
+
+    def __init__(self, policy, texts_for_prompt):
+        self.policy = policy
+        self.texts_for_prompt = texts_for_prompt
+        self.calls = 0
+
+    def generate(self, prompt_batch, n, sampling, seed):
+        self.calls += 1
+        tokenizer = self.policy.tokenizer
+        ids, index, texts = [], [], []
+        for prompt in range(len(prompt_batch)):
+            chosen = self.texts_for_prompt(prompt)
+            assert len(chosen) == n
+            for text in chosen:
+                ids.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                index.append(prompt)
+                texts.append(text)
+        return Rollouts(ids, index, texts, old_logp=None)
+
+    def sync_weights(self, model):
+        self.policy.model = model
+
+
+def grounding_samples(n):
+    samples = [s for s in make_split("posttrain", 200, seed=3) if s.task == "grounding" and s.solution != "[]"]
+    return samples[:n]
+
+
+def make_engine(policy, *, deepspeed=False, lr=1e-3):
+    torch.manual_seed(0)
+    return build_engine(
+        policy.model,
+        OptimConfig(lr=lr),
+        DeepSpeedConfig(enabled=deepspeed, zero_stage=2),
+        total_steps=10,
+        micro_batch=4,
+    )
+
+
+def run_step(policy, backend, objective, samples, *, micro_batches=1, deepspeed=False):
+    engine = make_engine(policy, deepspeed=deepspeed)
+    policy.model = engine.module
+    paradigm = get_paradigm(objective.paradigm).for_step(0, 1, objective)
+    return train_step(
+        policy=policy,
+        engine=engine,
+        backend=backend,
+        paradigm=paradigm,
+        objective=objective,
+        samples=samples,
+        sampling=SamplingConfig(max_new_tokens=8),
+        seed=0,
+        micro_batches=micro_batches,
+    )
+
+
+def test_all_fail_group_gives_the_label_the_derived_advantage(small_policy_dir):
+    policy = load_policy(small_policy_dir)
+    G = 4
+    wrong = ['<think>x</think><answer>[{"bbox_2d": [0, 0, 1, 1], "point_2d": [0, 0]}]</answer>'] * G
+    backend = ScriptedBackend(policy, lambda prompt: wrong)
+    objective = ObjectiveConfig(paradigm="visurf", num_rollouts=G, eps=0.0)
+    metrics = run_step(policy, backend, objective, grounding_samples(2))
+    assert metrics["all_fail_fraction"] == 1.0
+    assert metrics["smoothing_fired_fraction"] == 0.0
+    assert metrics["rollout/accuracy"] == 0.0
+    # The aligned label scores full accuracy but (control 2) no thinking reward.
+    assert metrics["label/accuracy"] == 3.0 and metrics["label/thinking_format"] == 0.0
+    # Every rollout has the same reward here, so the group is G copies of it plus the label's.
+    group = torch.tensor([metrics["rollout/overall"]] * G + [metrics["label/overall"]], dtype=torch.float64)
+    expected = ((group[-1] - group.mean()) / group.std()).item()
+    assert metrics["label_advantage_mean"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_matched_label_is_smoothed_away(small_policy_dir):
+    policy = load_policy(small_policy_dir)
+    samples = grounding_samples(2)
+    G = 3
+    answers = {i: f"<think>found it.</think><answer>{s.solution}</answer>" for i, s in enumerate(samples)}
+    backend = ScriptedBackend(policy, lambda prompt: [answers[prompt]] * (G - 1) + ["<answer>[]</answer>"])
+    objective = ObjectiveConfig(paradigm="visurf", num_rollouts=G)
+    metrics = run_step(policy, backend, objective, samples)
+    assert metrics["smoothing_fired_fraction"] == 1.0
+    assert metrics["label_advantage_mean"] == 0.0
+    assert metrics["all_fail_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf"])
+def test_each_paradigm_updates_the_policy_with_its_members(small_policy_dir, paradigm):
+    policy = load_policy(small_policy_dir)
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    backend = HFRolloutBackend(policy)
+    objective = ObjectiveConfig(paradigm=paradigm, num_rollouts=3)
+    metrics = run_step(policy, backend, objective, make_split("posttrain", 2, seed=1))
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, policy.model.parameters()))
+    assert changed > 0
+    has_label = paradigm in ("sft", "visurf")
+    has_rollouts = paradigm in ("rlvr", "visurf")
+    assert ("label/overall" in metrics) == has_label
+    assert ("rollout/overall" in metrics) == has_rollouts
+    assert ("label_token_fraction" in metrics) == has_label
+    assert ("rollout_token_fraction" in metrics) == has_rollouts
+    if paradigm == "sft":
+        assert metrics["time/rollout"] < 0.5  # no sampling at all in SFT
+
+
+def test_micro_batches_give_the_same_update_as_one_batch(small_policy_dir):
+    samples = make_split("posttrain", 4, seed=2)
+    results = []
+    for micro_batches in (1, 2):
+        policy = load_policy(small_policy_dir, dtype=torch.float64)
+        backend = ScriptedBackend(
+            policy,
+            lambda prompt: [
+                "<think>a.</think><answer>[]</answer>",
+                '<think>b b.</think><answer>{"anomaly": "no"}</answer>',
+                "<answer>3</answer>",
+            ],
+        )
+        objective = ObjectiveConfig(paradigm="visurf", num_rollouts=3, agg="token-mean")
+        run_step(policy, backend, objective, samples, micro_batches=micro_batches)
+        results.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
+    assert torch.allclose(results[0], results[1], atol=1e-10, rtol=0)
+
+
+def test_deepspeed_zero2_step_runs_in_process(small_policy_dir):
+    policy = load_policy(small_policy_dir)
+    objective = ObjectiveConfig(paradigm="visurf", num_rollouts=2)
+    metrics = run_step(
+        policy, HFRolloutBackend(policy), objective, make_split("posttrain", 2, seed=4), micro_batches=2, deepspeed=True
+    )
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0

@@ -1,0 +1,87 @@
+"""Canonical answer texts of every task, and validation of stored solutions against their image.
+
+The formats are the reward verifiers' (`visurf_ray.rewards.get_verifier(task).parse_solution` decides validity), so that
+every label is itself a full-score answer. Coordinates are pixels; boxes `[x1, y1, x2, y2]` count pixels inclusively,
+as the verifiers do. Pure Python plus the verifiers: never torch, ray or transformers.
+"""
+
+import json
+from collections.abc import Callable, Sequence
+
+from visurf_ray.rewards import get_verifier
+
+Coordinates = Sequence[int | float]
+
+
+class SolutionError(ValueError):
+    """A solution text that its task's verifier rejects, or whose boxes or points leave the image."""
+
+
+def grounding_answer(objects: Sequence[tuple[Coordinates, Coordinates]]) -> str:
+    """`[{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y]}, ...]` for (box, point) pairs in pixels; `[]` if none."""
+    return json.dumps([{"bbox_2d": list(box), "point_2d": list(point)} for box, point in objects])
+
+
+def gui_point_answer(box: Coordinates, point: Coordinates) -> str:
+    """`[{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y]}]`: the target element's box and a click point inside it."""
+    return grounding_answer([(box, point)])
+
+
+def anomaly_answer(box: Coordinates | None) -> str:
+    """`{"defect": true, "bbox_2d": [x1, y1, x2, y2]}` for a defect's box in pixels, `{"defect": false}` for None."""
+    return json.dumps({"defect": False} if box is None else {"defect": True, "bbox_2d": list(box)})
+
+
+def count_answer(n: int) -> str:
+    """`\\boxed{n}`."""
+    return f"\\boxed{{{n}}}"
+
+
+def _grounding_geometry(parsed) -> tuple[list, list]:
+    return [box for box, _ in parsed], [point for _, point in parsed]
+
+
+def _gui_point_geometry(parsed) -> tuple[list, list]:
+    box, point = parsed
+    return [box], [point]
+
+
+def _anomaly_geometry(parsed) -> tuple[list, list]:
+    _, box = parsed
+    return ([] if box is None else [box]), []
+
+
+def _no_geometry(parsed) -> tuple[list, list]:
+    return [], []
+
+
+# task -> (boxes, points) of its verifier's parsed solution
+SOLUTION_GEOMETRY: dict[str, Callable] = {
+    "grounding": _grounding_geometry,
+    "gui_point": _gui_point_geometry,
+    "anomaly": _anomaly_geometry,
+    "count": _no_geometry,
+}
+
+
+def check_solution(task: str, solution: str, width: int, height: int):
+    """Parse `solution` with `task`'s verifier and check that its boxes and points lie in a `width` x `height` image.
+
+    A box needs 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height (an edge may sit on the border, as boxes written
+    exclusively do); a point needs 0 <= x <= width and 0 <= y <= height. Returns the verifier's parsed solution (for
+    grounding, the list of (box, point) pairs, `[]` for no-object). Raises SolutionError saying what is wrong.
+    """
+    if task not in SOLUTION_GEOMETRY:
+        raise ValueError(f"task {task!r} is unknown; expected one of {sorted(SOLUTION_GEOMETRY)}")
+    try:
+        parsed = get_verifier(task).parse_solution(solution)
+    except ValueError as error:
+        raise SolutionError(str(error)) from None
+    boxes, points = SOLUTION_GEOMETRY[task](parsed)
+    for box in boxes:
+        if min(box) < 0 or box[2] > width or box[3] > height:
+            raise SolutionError(f"bbox_2d {[*box]} lies outside the {width}x{height} image")
+    for point in points:
+        if min(point) < 0 or point[0] > width or point[1] > height:
+            raise SolutionError(f"point_2d {[*point]} lies outside the {width}x{height} image")
+    return parsed

@@ -1,0 +1,615 @@
+"""The offline benchmark: procedural images and questions for every task, deterministic by seed, no files needed.
+
+Imports numpy and PIL only: never torch, ray or transformers.
+
+Every image is `IMAGE_SIZE` x `IMAGE_SIZE` = 112 x 112 RGB pixels, a grid of 8 x 8 cells of `CELL` = 14 px (one
+vision patch each). Every object (shape, button, defect) fills a block of 2 x 2 cells placed on the 14-px grid, so
+every box is `[14 c, 14 r, 14 c + 27, 14 r + 27]` (first and last pixel, inclusive as the verifiers count boxes) and
+every point is `[14 c + 14, 14 r + 14]`, the block's centre (pixels, column c and row r of the block's top-left cell
+in 0..6). This is what a 1.5M-parameter Qwen2.5-VL can learn in minutes on a CPU: objects aligned
+to the patch grid, few colours and shapes, short answers (see DESIGN.md, "Tiny VLM learnability").
+
+Item kinds (`KINDS`, registered with `register_kind`; each answer is in its task's verifier format, see prompts.py):
+- grounding_single: 1-3 shapes, colour x shape unique per image; "Find the red circle." -> one box and point.
+- grounding_multi: 2-4 shapes, 2-3 of them share the queried colour or shape; "Find all red shapes." -> every match,
+  in reading order (top to bottom, then left to right).
+- grounding_none: 1-3 shapes; the queried colour x shape (or colour, for "Find all ... shapes.") is absent -> `[]`.
+  Half of the single-object queries name a colour and a shape that are each present on other objects.
+- gui_point: a window (title bar on row 0) with 2-4 grey buttons labelled with distinct digits 1-9; "Click the button
+  labelled 3." -> that button's box and centre (the verifier accepts any point inside the box).
+- anomaly_defect / anomaly_clean: a periodic texture (stripes, checks or dots) with / without one defect (a scratch,
+  a stain or a hole) inside a 2 x 2-cell block; "Is there a defect in this texture?" -> `{"defect": true, "bbox_2d":
+  ...}` / `{"defect": false}`. Textures are periodic with period 14 px (and shifted by 0-13 px), so only the defect
+  breaks the period.
+- count: 1-6 shapes (repeats allowed); how many of a shape, of a colour, in all, or of two shapes together (simple
+  visual arithmetic) -> `\\boxed{n}`, n in 0..6.
+
+Splits (`make_split(name, n, seed)`, `iter_split(name, seed)`):
+- "pretrain": what the base model learns. Colours red, green, blue, yellow only; grounding_single 35%,
+  grounding_multi 15%, gui_point 15%, anomaly_defect 15%, count 20%. It never shows purple, never asks for an absent
+  object and never shows a texture without a defect: the base model never answers `[]` or `{"defect": false}`.
+- "posttrain": the post-training mix. Adds the unseen colour purple (one of five colours, anywhere: targets and
+  distractors), no-object queries and defect-free textures: grounding_single 20%, grounding_multi 15%,
+  grounding_none 20%, gui_point 15%, anomaly_defect 15%, anomaly_clean 15%. Count is not post-trained.
+- "pretrain/<task>", "posttrain/<task>": the items of one task of that mix, in the same proportions (e.g. a
+  grounding-only base model from "pretrain/grounding").
+- "eval/<task>" for every task: held-out items of that task, drawn like "posttrain" for post-trained tasks and like
+  "pretrain" for the others (count). `meta` says which slice an item is in: "kind"; for grounding also "no_object",
+  "attribute" (the queried colour or None), "unseen_attribute" (the query names purple) and "unseen_in_image".
+- "retained/<task>" for `RETAINED_TASKS` (count): held-out items of pretrain tasks that post-training does not train
+  on, to measure forgetting.
+Held-out means content-disjoint, not only a different seed stream: every item's scene (question and layout) hashes
+into one of `HELDOUT_BUCKETS` buckets; eval and retained splits keep only bucket 0 and training splits never do.
+
+Each item `i` of split `name` with seed `seed` is drawn from `numpy.random.default_rng([seed, stream(name), i])`,
+so `make_split(name, n, seed)` is the first n items of `iter_split(name, seed)` and ids are `"{name}/{seed}/{i}"`.
+Every item carries `meta["think"]`, the templated reasoning used in pretraining targets (`target_text`).
+"""
+
+import hashlib
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+from visurf_ray.data.answers import anomaly_answer, count_answer, grounding_answer, gui_point_answer
+from visurf_ray.data.prompts import TASKS, format_problem
+from visurf_ray.data.sample import Sample
+
+IMAGE_SIZE = 112
+CELL = 14
+GRID = IMAGE_SIZE // CELL
+OBJECT_CELLS = 2
+OBJECT_SIZE = OBJECT_CELLS * CELL
+MAX_CELL_INDEX = GRID - OBJECT_CELLS
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 90, 220),
+    "yellow": (235, 195, 30),
+    "purple": (150, 50, 190),
+}
+SEEN_COLOURS = ("red", "green", "blue", "yellow")
+UNSEEN_COLOUR = "purple"
+SHAPES = ("square", "circle", "triangle")
+BACKGROUND = (245, 245, 245)
+HELDOUT_BUCKETS = 8
+RETAINED_TASKS = ("count",)
+MAX_COUNT = 6
+T = TypeVar("T")
+
+
+def _shape_masks() -> dict[str, np.ndarray]:
+    """Boolean masks [OBJECT_SIZE, OBJECT_SIZE] of each shape, with a 3-px margin inside its 2 x 2-cell block."""
+    yy, xx = np.mgrid[0:OBJECT_SIZE, 0:OBJECT_SIZE] + 0.5
+    centre, margin = OBJECT_SIZE / 2, 3
+    square = (yy > margin) & (yy < OBJECT_SIZE - margin) & (xx > margin) & (xx < OBJECT_SIZE - margin)
+    circle = (yy - centre) ** 2 + (xx - centre) ** 2 <= (centre - margin) ** 2
+    height = OBJECT_SIZE - 2 * margin
+    half_width = (yy - margin) / height * (centre - margin)
+    triangle = (yy > margin) & (yy < OBJECT_SIZE - margin) & (np.abs(xx - centre) <= half_width)
+    return {"square": square, "circle": circle, "triangle": triangle}
+
+
+SHAPE_MASKS = _shape_masks()
+
+# 3 x 5 bitmap digits, drawn 3x larger (9 x 15 px) on the buttons.
+_DIGIT_ROWS = {
+    "0": ("111", "101", "101", "101", "111"),
+    "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"),
+    "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"),
+    "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"),
+    "7": ("111", "001", "001", "001", "001"),
+    "8": ("111", "101", "111", "101", "111"),
+    "9": ("111", "101", "111", "001", "111"),
+}
+DIGIT_MASKS = {
+    digit: np.kron(np.array([[c == "1" for c in row] for row in rows]), np.ones((3, 3), dtype=bool))
+    for digit, rows in _DIGIT_ROWS.items()
+}
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One object on the grid: `col`, `row` index its top-left cell (0..MAX_CELL_INDEX); `shape` is a shape name, a
+    button's digit label or a defect kind."""
+
+    col: int
+    row: int
+    colour: str = ""
+    shape: str = ""
+
+    @property
+    def box(self) -> list[int]:
+        """[x1, y1, x2, y2]: the block's first and last pixel columns and rows (boxes are inclusive, as the
+        verifiers count them)."""
+        x1, y1 = CELL * self.col, CELL * self.row
+        return [x1, y1, x1 + OBJECT_SIZE - 1, y1 + OBJECT_SIZE - 1]
+
+    @property
+    def pixels(self) -> tuple[slice, slice]:
+        """(rows, columns) slices of the block's pixels, for indexing an [H, W, 3] image."""
+        y1, x1 = CELL * self.row, CELL * self.col
+        return slice(y1, y1 + OBJECT_SIZE), slice(x1, x1 + OBJECT_SIZE)
+
+    @property
+    def point(self) -> list[int]:
+        """[x, y] of the block's centre in pixels."""
+        return [CELL * self.col + OBJECT_SIZE // 2, CELL * self.row + OBJECT_SIZE // 2]
+
+    @property
+    def where(self) -> str:
+        """The block's place in words, as the think texts say it."""
+        return f"column {self.col}, row {self.row}"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A drawn item before rendering: `key` identifies its content (question and layout) for held-out bucketing;
+    `render()` returns the image, uint8 [IMAGE_SIZE, IMAGE_SIZE, 3]."""
+
+    question: str
+    solution: str
+    think: str
+    key: str
+    render: Callable[[], np.ndarray]
+    meta: Mapping = field(default_factory=dict)
+
+
+KindGenerator = Callable[[np.random.Generator, tuple[str, ...]], Draft]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """An item kind: the task its items belong to and its generator `(rng, colours) -> Draft`."""
+
+    task: str
+    generate: KindGenerator
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(name: str, task: str):
+    """Register a generator `(rng, colours) -> Draft` of items of `task` under the kind `name`."""
+
+    def wrap(generator: KindGenerator) -> KindGenerator:
+        KINDS[name] = Kind(task, generator)
+        return generator
+
+    return wrap
+
+
+# ---- layout and drawing -----------------------------------------------------------------------------------------
+
+
+def _reading_order(objects: list[Placed]) -> list[Placed]:
+    return sorted(objects, key=lambda o: (o.row, o.col))
+
+
+def _free_blocks(rng: np.random.Generator, n: int, first_row: int = 0) -> list[tuple[int, int]]:
+    """n non-overlapping 2 x 2-cell blocks at rows >= first_row, as (col, row) of their top-left cells, each drawn
+    uniformly among the free ones."""
+    positions = MAX_CELL_INDEX + 1
+    free = np.ones((positions, positions), dtype=bool)  # [row, col] of a block's top-left cell
+    free[:first_row] = False
+    blocks = []
+    for _ in range(n):
+        row, col = divmod(int(rng.choice(np.flatnonzero(free))), positions)
+        free[
+            max(row - OBJECT_CELLS + 1, 0) : row + OBJECT_CELLS, max(col - OBJECT_CELLS + 1, 0) : col + OBJECT_CELLS
+        ] = False
+        blocks.append((col, row))
+    return blocks
+
+
+def _place(rng: np.random.Generator, looks: list[tuple[str, str]]) -> list[Placed]:
+    """Place objects with the given (colour, shape) looks on free blocks, in random order."""
+    blocks = _free_blocks(rng, len(looks))
+    return [Placed(col, row, colour, shape) for (col, row), (colour, shape) in zip(blocks, looks)]
+
+
+def _draw_shapes(objects: list[Placed]) -> np.ndarray:
+    """Shapes on the plain background: uint8 [IMAGE_SIZE, IMAGE_SIZE, 3]."""
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    for o in objects:
+        image[o.pixels][SHAPE_MASKS[o.shape]] = COLOURS[o.colour]
+    return image
+
+
+def _scene_key(question: str, objects: list[Placed]) -> str:
+    """What the item shows and asks, independent of how it was drawn: equal keys mean equal items."""
+    return f"{question}|" + ";".join(f"{o.colour} {o.shape} {o.col} {o.row}" for o in _reading_order(objects))
+
+
+def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
+    return options[rng.integers(len(options))]
+
+
+def _distinct_looks(rng: np.random.Generator, colours: tuple[str, ...], n: int) -> list[tuple[str, str]]:
+    """n distinct (colour, shape) pairs."""
+    pool = [(c, s) for c in colours for s in SHAPES]
+    return [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
+
+
+def _grounding_meta(kind: str, colour: str | None, shape: str | None, objects: list[Placed], no_object: bool) -> dict:
+    return {
+        "kind": kind,
+        "attribute": colour,
+        "shape": shape,
+        "unseen_attribute": colour == UNSEEN_COLOUR,
+        "unseen_in_image": any(o.colour == UNSEEN_COLOUR for o in objects),
+        "no_object": no_object,
+        "objects": len(objects),
+    }
+
+
+def _join_places(objects: list[Placed]) -> str:
+    return "; ".join(o.where for o in _reading_order(objects))
+
+
+# ---- item kinds -------------------------------------------------------------------------------------------------
+
+
+@register_kind("grounding_single", "grounding")
+def grounding_single(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    looks = _distinct_looks(rng, colours, int(rng.integers(1, 4)))
+    objects = _place(rng, looks)
+    target = objects[0]
+    question = f"Find the {target.colour} {target.shape}."
+    return Draft(
+        question=question,
+        solution=grounding_answer([(target.box, target.point)]),
+        think=f"The {target.colour} {target.shape} is at {target.where}.",
+        key=_scene_key(question, objects),
+        render=lambda: _draw_shapes(objects),
+        meta=_grounding_meta("grounding_single", target.colour, target.shape, objects, no_object=False),
+    )
+
+
+@register_kind("grounding_multi", "grounding")
+def grounding_multi(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    n_match = int(rng.integers(2, 4))
+    if rng.random() < 0.5:
+        colour, shape = _pick(rng, colours), None
+        shapes = rng.choice(len(SHAPES), size=n_match, replace=False)
+        matches = [(colour, SHAPES[s]) for s in shapes]
+        question, noun = f"Find all {colour} shapes.", f"{colour} shapes"
+    else:
+        colour, shape = None, _pick(rng, SHAPES)
+        chosen = rng.choice(len(colours), size=n_match, replace=False)
+        matches = [(colours[c], shape) for c in chosen]
+        question, noun = f"Find all {shape}s.", f"{shape}s"
+    others = [(c, s) for c in colours for s in SHAPES if c != colour and s != shape]
+    looks = matches + [others[i] for i in rng.choice(len(others), size=int(rng.integers(0, 2)), replace=False)]
+    objects = _place(rng, looks)
+    targets = [o for o in objects if o.colour == colour or o.shape == shape]
+    return Draft(
+        question=question,
+        solution=grounding_answer([(o.box, o.point) for o in _reading_order(targets)]),
+        think=f"The {noun} are at {_join_places(targets)}.",
+        key=_scene_key(question, objects),
+        render=lambda: _draw_shapes(objects),
+        meta=_grounding_meta("grounding_multi", colour, shape, objects, no_object=False),
+    )
+
+
+@register_kind("grounding_none", "grounding")
+def grounding_none(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    looks = _distinct_looks(rng, colours, int(rng.integers(1, 4)))
+    present_colours = {c for c, _ in looks}
+    if rng.random() < 0.25 and len(present_colours) < len(colours):
+        colour, shape = _pick(rng, sorted(set(colours) - present_colours)), None
+        question, think = f"Find all {colour} shapes.", f"There are no {colour} shapes."
+    else:
+        absent = [(c, s) for c in colours for s in SHAPES if (c, s) not in looks]
+        confusable = [(c, s) for c, s in absent if c in present_colours and any(s == t for _, t in looks)]
+        colour, shape = _pick(rng, confusable if confusable and rng.random() < 0.5 else absent)
+        question, think = f"Find the {colour} {shape}.", f"There is no {colour} {shape}."
+    objects = _place(rng, looks)
+    return Draft(
+        question=question,
+        solution=grounding_answer([]),
+        think=think,
+        key=_scene_key(question, objects),
+        render=lambda: _draw_shapes(objects),
+        meta=_grounding_meta("grounding_none", colour, shape, objects, no_object=True),
+    )
+
+
+BUTTON_FILL = (200, 200, 205)
+BUTTON_BORDER = (70, 70, 80)
+WINDOW_FILL = (235, 238, 245)
+TITLE_BAR = (60, 90, 150)
+
+
+def _draw_window(buttons: list[Placed]) -> np.ndarray:
+    """A window with a title bar and bordered buttons with black digits: uint8 [IMAGE_SIZE, IMAGE_SIZE, 3]."""
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    image[:] = WINDOW_FILL
+    image[: CELL // 2] = TITLE_BAR
+    digit_h, digit_w = DIGIT_MASKS["0"].shape
+    top, left = (OBJECT_SIZE - digit_h) // 2, (OBJECT_SIZE - digit_w) // 2
+    for b in buttons:
+        block = image[b.pixels]
+        block[1:-1, 1:-1] = BUTTON_BORDER
+        block[3:-3, 3:-3] = BUTTON_FILL
+        block[top : top + digit_h, left : left + digit_w][DIGIT_MASKS[b.shape]] = (0, 0, 0)
+    return image
+
+
+@register_kind("gui_point", "gui_point")
+def gui_point(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    """Buttons below the title bar keep their digit label in `Placed.shape`; `colours` are not used by this kind."""
+    labels = [str(d) for d in rng.choice(np.arange(1, 10), size=int(rng.integers(2, 5)), replace=False)]
+    blocks = _free_blocks(rng, len(labels), first_row=1)
+    buttons = [Placed(col, row, shape=label) for (col, row), label in zip(blocks, labels)]
+    target = buttons[0]
+    question = f"Click the button labelled {target.shape}."
+    return Draft(
+        question=question,
+        solution=gui_point_answer(target.box, target.point),
+        think=f"Button {target.shape} is at {target.where}.",
+        key=f"{question}|" + ";".join(f"{b.shape} {b.col} {b.row}" for b in _reading_order(buttons)),
+        render=lambda: _draw_window(buttons),
+        meta={"kind": "gui_point", "label": target.shape, "buttons": len(buttons)},
+    )
+
+
+TEXTURES = ("stripes", "checks", "dots")
+DEFECTS = ("scratch", "stain", "hole")
+TEXTURE_PALETTES = (
+    ((205, 190, 160), (150, 130, 100)),
+    ((170, 175, 180), (110, 115, 125)),
+    ((200, 215, 190), (120, 150, 110)),
+)
+DEFECT_COLOUR = (40, 30, 25)
+
+
+def _defect_masks() -> dict[str, np.ndarray]:
+    """Boolean masks [OBJECT_SIZE, OBJECT_SIZE] of each defect inside its 2 x 2-cell block."""
+    yy, xx = np.mgrid[0:OBJECT_SIZE, 0:OBJECT_SIZE] + 0.5
+    hole = np.zeros((OBJECT_SIZE, OBJECT_SIZE), dtype=bool)
+    hole[3:-3, 3:-3] = True
+    return {
+        "scratch": np.abs(yy - xx) < 2.5,
+        "stain": (yy - OBJECT_SIZE / 2) ** 2 + (xx - OBJECT_SIZE / 2) ** 2 <= 9**2,
+        "hole": hole,
+    }
+
+
+DEFECT_MASKS = _defect_masks()
+_ROWS, _COLUMNS = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+
+
+@dataclass(frozen=True)
+class Texture:
+    """A periodic texture of period `CELL` px: `pattern` in TEXTURES, stripes `vertical` or not, a palette index,
+    and a phase shift (`shift_x`, `shift_y` in 0..CELL-1 px) so that the pattern is not tied to the grid. Equal
+    textures have equal fields (shifts that change nothing are zeroed or folded), so items' keys identify images."""
+
+    pattern: str
+    vertical: bool
+    palette: int
+    shift_x: int
+    shift_y: int
+
+    @property
+    def name(self) -> str:
+        return f"vertical {self.pattern}" if self.pattern == "stripes" and self.vertical else self.pattern
+
+
+def _draw_texture(texture: Texture, defect: Placed | None) -> np.ndarray:
+    """The texture as uint8 [IMAGE_SIZE, IMAGE_SIZE, 3]; a stain or scratch is dark, a hole is the palette's mean."""
+    light, dark = (np.array(c, dtype=np.uint8) for c in TEXTURE_PALETTES[texture.palette])
+    xx, yy, half = _COLUMNS + texture.shift_x, _ROWS + texture.shift_y, CELL // 2
+    if texture.pattern == "stripes":
+        dark_pixels = ((xx if texture.vertical else yy) // half) % 2 == 1
+    elif texture.pattern == "checks":
+        dark_pixels = (xx // half + yy // half) % 2 == 1
+    else:
+        dark_pixels = ((xx % CELL) - half + 0.5) ** 2 + ((yy % CELL) - half + 0.5) ** 2 <= 9
+    image = np.where(dark_pixels[..., None], dark, light)
+    if defect is not None:
+        fill = (light.astype(np.int16) + dark) // 2 if defect.shape == "hole" else DEFECT_COLOUR
+        image[defect.pixels][DEFECT_MASKS[defect.shape]] = fill
+    return image
+
+
+def _anomaly(rng: np.random.Generator, kind: str, with_defect: bool) -> Draft:
+    pattern, vertical = _pick(rng, TEXTURES), bool(rng.random() < 0.5)
+    palette, shift_x, shift_y = (int(rng.integers(size)) for size in (len(TEXTURE_PALETTES), CELL, CELL))
+    if pattern == "stripes":  # a stripe's shift along its own direction changes nothing
+        shift_x, shift_y = (shift_x, 0) if vertical else (0, shift_y)
+    elif pattern == "checks" and shift_y >= CELL // 2:  # checks shifted by half a period on both axes look the same
+        shift_x, shift_y = (shift_x + CELL // 2) % CELL, shift_y - CELL // 2
+    texture = Texture(pattern, vertical and pattern == "stripes", palette, shift_x, shift_y)
+    defect = None
+    if with_defect:
+        (col, row), defect_kind = _free_blocks(rng, 1)[0], _pick(rng, DEFECTS)
+        defect = Placed(col, row, shape=defect_kind)
+    question = "Is there a defect in this texture?"
+    if defect is None:
+        think = f"The {texture.name} are regular."
+    else:
+        think = f"The {texture.name} have a {defect.shape} at {defect.where}."
+    return Draft(
+        question=question,
+        solution=anomaly_answer(None if defect is None else defect.box),
+        think=think,
+        key=f"{question}|{texture}|" + (f"{defect.shape} {defect.col} {defect.row}" if defect else "none"),
+        render=lambda: _draw_texture(texture, defect),
+        meta={"kind": kind, "texture": texture.pattern, "defect": defect.shape if defect else None},
+    )
+
+
+@register_kind("anomaly_defect", "anomaly")
+def anomaly_defect(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    """A texture with one defect; `colours` are not used by this kind."""
+    return _anomaly(rng, "anomaly_defect", with_defect=True)
+
+
+@register_kind("anomaly_clean", "anomaly")
+def anomaly_clean(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    """A texture without a defect; `colours` are not used by this kind."""
+    return _anomaly(rng, "anomaly_clean", with_defect=False)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+@register_kind("count", "count")
+def count(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    looks = [(_pick(rng, colours), _pick(rng, SHAPES)) for _ in range(int(rng.integers(1, MAX_COUNT + 1)))]
+    objects = _place(rng, looks)
+    shape_counts = {s: sum(o.shape == s for o in objects) for s in SHAPES}
+    form = _pick(rng, ("shape", "colour", "all", "sum"))
+    if form == "shape":
+        shape = _pick(rng, SHAPES)
+        answer = shape_counts[shape]
+        question, think = f"How many {shape}s are there?", f"I count {_plural(answer, shape)}."
+    elif form == "colour":
+        colour = _pick(rng, colours)
+        answer = sum(o.colour == colour for o in objects)
+        question, think = f"How many {colour} shapes are there?", f"I count {_plural(answer, colour + ' shape')}."
+    elif form == "all":
+        answer = len(objects)
+        question, think = "How many shapes are there?", f"I count {_plural(answer, 'shape')}."
+    else:
+        first, second = (SHAPES[i] for i in sorted(rng.choice(len(SHAPES), size=2, replace=False)))
+        answer = shape_counts[first] + shape_counts[second]
+        question = f"How many {first}s and {second}s are there?"
+        think = (
+            f"I count {_plural(shape_counts[first], first)} and {_plural(shape_counts[second], second)}, "
+            f"{answer} in all."
+        )
+    return Draft(
+        question=question,
+        solution=count_answer(answer),
+        think=think,
+        key=_scene_key(question, objects),
+        render=lambda: _draw_shapes(objects),
+        meta={"kind": "count", "form": form, "count": answer, "objects": len(objects)},
+    )
+
+
+# ---- splits -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A split's recipe: item kinds with their probabilities, the colour palette, and whether it is held out."""
+
+    kinds: Mapping[str, float]
+    colours: tuple[str, ...]
+    heldout: bool = False
+
+
+PRETRAIN = Mix(
+    {"grounding_single": 0.35, "grounding_multi": 0.15, "gui_point": 0.15, "anomaly_defect": 0.15, "count": 0.2},
+    SEEN_COLOURS,
+)
+POSTTRAIN = Mix(
+    {
+        "grounding_single": 0.2,
+        "grounding_multi": 0.15,
+        "grounding_none": 0.2,
+        "gui_point": 0.15,
+        "anomaly_defect": 0.15,
+        "anomaly_clean": 0.15,
+    },
+    (*SEEN_COLOURS, UNSEEN_COLOUR),
+)
+POSTTRAIN_TASKS = tuple(sorted({KINDS[kind].task for kind in POSTTRAIN.kinds}))
+
+
+def split_names() -> list[str]:
+    """Every valid split name."""
+    names = ["pretrain", "posttrain"]
+    names += [f"pretrain/{t}" for t in TASKS if any(KINDS[k].task == t for k in PRETRAIN.kinds)]
+    names += [f"posttrain/{t}" for t in POSTTRAIN_TASKS]
+    return names + [f"eval/{t}" for t in TASKS] + [f"retained/{t}" for t in RETAINED_TASKS]
+
+
+def split_mix(name: str) -> Mix:
+    """The recipe of split `name` (see the module docstring); ValueError naming the split if unknown."""
+    if name not in split_names():
+        raise ValueError(f"split name {name!r} is unknown; expected one of {split_names()}")
+    prefix, _, task = name.partition("/")
+    if prefix in ("pretrain", "posttrain"):
+        source, heldout = (PRETRAIN if prefix == "pretrain" else POSTTRAIN), False
+    else:
+        source, heldout = (POSTTRAIN if prefix == "eval" and task in POSTTRAIN_TASKS else PRETRAIN), True
+    if not task:
+        return source
+    return Mix({k: p for k, p in source.kinds.items() if KINDS[k].task == task}, source.colours, heldout)
+
+
+def _stream(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+
+
+def _is_heldout(key: str) -> bool:
+    return hashlib.blake2b(key.encode(), digest_size=2).digest()[0] % HELDOUT_BUCKETS == 0
+
+
+def iter_split(name: str, seed: int) -> Iterator[Sample]:
+    """Endless stream of split `name`'s items for `seed` (a non-negative int); item i is the same in every call."""
+    mix = split_mix(name)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    kinds = list(mix.kinds)
+    weights = np.array([mix.kinds[k] for k in kinds], dtype=np.float64)
+    weights /= weights.sum()
+    stream = _stream(name)
+    for index in itertools.count():
+        rng = np.random.default_rng([seed, stream, index])
+        while True:
+            kind = kinds[rng.choice(len(kinds), p=weights)]
+            draft = KINDS[kind].generate(rng, mix.colours)
+            if _is_heldout(draft.key) == mix.heldout:
+                break
+        yield Sample(
+            id=f"{name}/{seed}/{index}",
+            task=KINDS[kind].task,
+            image=Image.fromarray(draft.render()),
+            problem=format_problem(KINDS[kind].task, draft.question),
+            solution=draft.solution,
+            img_height=IMAGE_SIZE,
+            img_width=IMAGE_SIZE,
+            meta={**draft.meta, "question": draft.question, "think": draft.think},
+        )
+
+
+def make_split(name: str, n: int, seed: int) -> list[Sample]:
+    """The first `n` items of `iter_split(name, seed)`; each image is IMAGE_SIZE x IMAGE_SIZE RGB."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    return list(itertools.islice(iter_split(name, seed), n))
+
+
+def target_text(sample: Sample) -> str:
+    """The pretraining target `<think>{meta["think"]}</think><answer>{solution}</answer>` of a benchmark sample."""
+    if "think" not in sample.meta:
+        raise ValueError(f"sample {sample.id!r} has no meta['think']: only benchmark samples have a pretraining target")
+    return f"<think>{sample.meta['think']}</think><answer>{sample.solution}</answer>"
+
+
+def text_corpus(seed: int = 0, n: int = 2000) -> list[str]:
+    """Texts to train the tokenizer on: `n` problems with their targets (half pretrain, half posttrain, which
+    together contain every kind), then one line with every number 0..IMAGE_SIZE and every word the generators use."""
+    half = n // 2
+    texts = [f"{s.problem}\n{target_text(s)}" for s in make_split("pretrain", n - half, seed)]
+    texts += [f"{s.problem}\n{target_text(s)}" for s in make_split("posttrain", half, seed)]
+    words = [*COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES), *TEXTURES, *DEFECTS, "vertical"]
+    texts.append(" ".join([*words, *(str(i) for i in range(IMAGE_SIZE + 1))]))
+    return texts

@@ -1,0 +1,97 @@
+"""Sampling completions from a policy with Hugging Face `generate`, never emitting vision or control tokens.
+
+A weak policy can sample `<|image_pad|>`, after which the model's next forward fails ("Image features and image tokens
+do not match"); every special token except the eos token is therefore suppressed. Imports torch and transformers;
+never Ray.
+"""
+
+from typing import NamedTuple
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from visurf_ray.models.inputs import PromptBatch
+from visurf_ray.models.policy import Policy
+
+
+class Generations(NamedTuple):
+    """N = B * num_return_sequences completions, prompt after prompt (all samples of prompt 0 first)."""
+
+    completion_ids: list[list[int]]  # token ids, ending with and including eos unless cut at max_new_tokens
+    prompt_index: list[int]  # prompt row of each completion
+    texts: list[str]  # completions decoded without special tokens
+
+
+def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the special tokens a policy must never sample: vision starts/ends/pads, `<|im_start|>`, the pad token and
+    the other control tokens; the eos token (`<|im_end|>` for Qwen2.5-VL-Instruct and the tiny tokenizer) stays
+    allowed. Non-special added tokens (the answer skeleton, `<tool_call>`) stay allowed. Sorted ascending."""
+    return sorted(
+        token_id
+        for token_id, token in tokenizer.added_tokens_decoder.items()
+        if token.special and token_id != tokenizer.eos_token_id
+    )
+
+
+def _cut_at_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
+    return token_ids[: token_ids.index(eos_token_id) + 1] if eos_token_id in token_ids else token_ids
+
+
+@torch.no_grad()
+def generate(
+    policy: Policy,
+    prompt_batch: PromptBatch,
+    *,
+    num_return_sequences: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    seed: int = 0,
+) -> Generations:
+    """Sample completions for B prompts with the KV cache; the same seed gives the same completions on CPU.
+
+    Args:
+        prompt_batch: B left-padded prompts [B, P] (moved to the policy's device here).
+        num_return_sequences: completions per prompt.
+        max_new_tokens: completion length limit in tokens.
+        temperature, top_p: sampling from softmax(logits / temperature) restricted to the top-p nucleus; no top-k and
+            no repetition penalty, whatever the checkpoint's generation_config says. Ignored when do_sample is False
+            (greedy decoding).
+        seed: seeds torch's RNG for this call only (the global RNG state is restored afterwards).
+
+    The model's train/eval mode is left as the caller set it.
+    """
+    if num_return_sequences < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"num_return_sequences ({num_return_sequences}) and max_new_tokens ({max_new_tokens}) must be >= 1"
+        )
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    tokenizer = policy.tokenizer
+    prompt_index = [row for row in range(len(prompt_batch)) for _ in range(num_return_sequences)]
+    # Expanded here rather than by `num_return_sequences` in generate: transformers versions differ in how they
+    # repeat the flat pixel_values of variable-size images.
+    device = policy.device
+    prompts = prompt_batch.select(prompt_index).to(device)
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    cuda_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        sequences = policy.model.generate(
+            **prompts.model_inputs(),
+            do_sample=do_sample,
+            **sampling,
+            repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=suppressed_token_ids(tokenizer),
+            use_cache=True,
+        )
+    new_tokens = sequences[:, prompts.prompt_length :].tolist()
+    completion_ids = [_cut_at_eos(ids, tokenizer.eos_token_id) for ids in new_tokens]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Generations(completion_ids=completion_ids, prompt_index=prompt_index, texts=texts)

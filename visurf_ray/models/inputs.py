@@ -1,0 +1,238 @@
+"""Batching between (image, question, completion) records and Qwen2.5-VL tensors, and completion log-probabilities.
+
+The trainer and the rollout backends build every model input here: prompts are left-padded, completions right-padded
+after them, so the completion of every member starts at the same column. Imports torch, PIL and the policy; never Ray.
+"""
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from visurf_ray.models.policy import Policy
+
+IMAGE_TOKEN_TYPE = 1  # mm_token_type_ids: 0 text, 1 image, 2 video
+
+
+@dataclass
+class PromptBatch:
+    """B chat-formatted prompts with one image each, left-padded to P tokens.
+
+    input_ids, attention_mask, mm_token_type_ids: [B, P] (token ids; 1/0 mask; 0 text / 1 image token).
+    pixel_values: [total patches of the B images, 3 * 2 * patch_size²] (1176 for 14-pixel patches), image after image.
+    image_grid_thw: [B, 3] patch grid (frames, rows, columns) per image.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def prompt_length(self) -> int:
+        """P, the padded prompt length in tokens."""
+        return self.input_ids.shape[1]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The tensors as keyword arguments of the model's forward and generate."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    def to(self, device: str | torch.device) -> "PromptBatch":
+        return replace(self, **{name: tensor.to(device) for name, tensor in self.model_inputs().items()})
+
+    def select(self, prompt_index: list[int]) -> "PromptBatch":
+        """Rows `prompt_index` (repeats allowed) with their images' patches, in that order; [len(prompt_index), P]."""
+        for member, index in enumerate(prompt_index):
+            if not 0 <= index < len(self):
+                raise ValueError(f"prompt_index[{member}] = {index} is outside the batch of {len(self)} prompts")
+        patch_counts = self.image_grid_thw.prod(dim=-1).tolist()
+        patch_starts = [sum(patch_counts[:i]) for i in range(len(patch_counts))]
+        rows = torch.tensor(prompt_index, dtype=torch.long, device=self.input_ids.device)
+        patch_rows = torch.cat(
+            [torch.arange(patch_starts[i], patch_starts[i] + patch_counts[i]) for i in prompt_index]
+        ).to(self.pixel_values.device)
+        return PromptBatch(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            mm_token_type_ids=self.mm_token_type_ids[rows],
+            pixel_values=self.pixel_values[patch_rows],
+            image_grid_thw=self.image_grid_thw[rows],
+        )
+
+
+@dataclass
+class SequenceBatch:
+    """N prompt + completion sequences for one forward pass; member n uses prompt `prompt_index[n]` and its image.
+
+    input_ids, attention_mask, mm_token_type_ids: [N, P + T] (left-padded prompt then right-padded completion).
+    pixel_values: patches of the N members' images, member after member; image_grid_thw: [N, 3].
+    completion_ids: [N, T] completion token ids, padded with the pad id.
+    completion_mask: [N, T] float32, 1.0 on completion tokens and 0.0 on padding.
+    prompt_index: [N] row of the prompt batch each member came from.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def completion_length(self) -> int:
+        """T, the padded completion length in tokens."""
+        return self.completion_ids.shape[1]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The tensors of the model's forward as keyword arguments."""
+        names = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+        return {name: getattr(self, name) for name in names}
+
+    def to(self, device: str | torch.device) -> "SequenceBatch":
+        return replace(self, **{field.name: getattr(self, field.name).to(device) for field in fields(self)})
+
+
+def chat_prompt(policy: Policy, question: str) -> str:
+    """The chat-formatted text of one user turn holding an image and `question`, ending with the assistant header."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return policy.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(policy: Policy, images: list[Image.Image], questions: list[str]) -> PromptBatch:
+    """Tokenize B (image, question) prompts with the policy's chat template and image processor.
+
+    Args:
+        images: B PIL images (any size; the processor resizes them within its pixel bounds).
+        questions: B question texts.
+
+    Returns:
+        A left-padded PromptBatch on CPU (see its docstring for shapes).
+    """
+    if len(images) != len(questions):
+        raise ValueError(f"images ({len(images)}) and questions ({len(questions)}) must have the same length")
+    if not images:
+        raise ValueError("encode_prompts needs at least one prompt")
+    for record, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"images[{record}] must be a PIL.Image.Image, got {type(image).__name__}")
+    for record, question in enumerate(questions):
+        if not isinstance(question, str):
+            raise ValueError(f"questions[{record}] must be a str, got {type(question).__name__}")
+    encoded = policy.processor(
+        images=images,
+        text=[chat_prompt(policy, question) for question in questions],
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+        return_mm_token_type_ids=True,
+    )
+    return PromptBatch(
+        input_ids=encoded["input_ids"],
+        attention_mask=encoded["attention_mask"],
+        mm_token_type_ids=encoded["mm_token_type_ids"],
+        pixel_values=encoded["pixel_values"],
+        image_grid_thw=encoded["image_grid_thw"],
+    )
+
+
+def encode_sequences(
+    policy: Policy, prompt_batch: PromptBatch, completion_ids: list[list[int]], prompt_index: list[int]
+) -> SequenceBatch:
+    """Append completions to their prompts for one forward pass.
+
+    Args:
+        prompt_batch: B prompts [B, P].
+        completion_ids: N completions as token ids (rollouts and labels alike), each non-empty; a completion may end
+            with the eos token or not (truncated).
+        prompt_index: N prompt rows; a prompt's image and tokens are reused by all its members (e.g. G + 1).
+
+    Returns:
+        A SequenceBatch of N rows of P + T tokens, T the longest completion, on the prompt batch's device.
+    """
+    if len(completion_ids) != len(prompt_index):
+        raise ValueError(
+            f"completion_ids ({len(completion_ids)}) and prompt_index ({len(prompt_index)}) must have the same length"
+        )
+    if not completion_ids:
+        raise ValueError("encode_sequences needs at least one completion")
+    config = policy.model.config
+    vision_token_ids = {config.image_token_id, config.video_token_id}
+    for member, ids in enumerate(completion_ids):
+        if not ids:
+            raise ValueError(f"completion_ids[{member}] is empty")
+        if vision_token_ids & set(ids):
+            raise ValueError(f"completion_ids[{member}] contains image/video placeholder tokens {vision_token_ids}")
+    prompts = prompt_batch.select(prompt_index)
+    device = prompts.input_ids.device
+    completion_length = max(len(ids) for ids in completion_ids)
+    completions = torch.full((len(completion_ids), completion_length), policy.tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros(len(completion_ids), completion_length, dtype=torch.float32)
+    for member, ids in enumerate(completion_ids):
+        completions[member, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_mask[member, : len(ids)] = 1.0
+    completions, completion_mask = completions.to(device), completion_mask.to(device)
+    return SequenceBatch(
+        input_ids=torch.cat([prompts.input_ids, completions], dim=1),
+        attention_mask=torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], dim=1),
+        mm_token_type_ids=torch.cat(
+            [prompts.mm_token_type_ids, torch.zeros_like(completions, dtype=prompts.mm_token_type_ids.dtype)], dim=1
+        ),
+        pixel_values=prompts.pixel_values,
+        image_grid_thw=prompts.image_grid_thw,
+        completion_ids=completions,
+        completion_mask=completion_mask,
+        prompt_index=torch.tensor(prompt_index, dtype=torch.long, device=device),
+    )
+
+
+def completion_logits(model: torch.nn.Module, seq_batch: SequenceBatch) -> torch.Tensor:
+    """Next-token logits at the positions that predict the completion tokens: [N, T, V], model dtype.
+
+    Only the last T + 1 positions go through the LM head (`logits_to_keep`), not the prompt's.
+    """
+    outputs = model(**seq_batch.model_inputs(), use_cache=False, logits_to_keep=seq_batch.completion_length + 1)
+    return outputs.logits[:, :-1]
+
+
+def _completion_log_probs(model: torch.nn.Module, seq_batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π over the vocabulary [N, T, V] and of the completion tokens [N, T], in at least float32."""
+    logits = completion_logits(model, seq_batch)
+    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return log_probs, log_probs.gather(-1, seq_batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def completion_logprobs(model: torch.nn.Module, seq_batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log π(completion token | image, prompt, earlier completion tokens).
+
+    Returns:
+        logp: [N, T] in nats, float32 (float64 for a float64 model), 0 on padding; differentiable.
+        mask: [N, T] float32 completion mask (`seq_batch.completion_mask`).
+    """
+    _, logp = _completion_log_probs(model, seq_batch)
+    mask = seq_batch.completion_mask
+    return logp * mask, mask
+
+
+def completion_logprobs_and_entropy(
+    model: torch.nn.Module, seq_batch: SequenceBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`completion_logprobs` plus the policy's entropy at each completion position, from the same forward pass.
+
+    Returns:
+        logp: [N, T] nats; entropy: [N, T] nats, -Σ_v π(v) log π(v) over the vocabulary; both 0 on padding.
+        mask: [N, T] float32 completion mask.
+    """
+    log_probs, logp = _completion_log_probs(model, seq_batch)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    mask = seq_batch.completion_mask
+    return logp * mask, entropy * mask, mask

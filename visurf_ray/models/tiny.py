@@ -1,0 +1,148 @@
+"""A tiny, randomly initialised Qwen2.5-VL policy built offline: transformers' own model class from a config, a
+tokenizer trained on a local corpus and the image-only processor.
+
+Used for CPU experiments and tests; `load_policy` loads what `build_tiny_vlm(..., out_dir=...)` saves just as it
+loads a real checkpoint. Imports torch and transformers; never Ray.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLVisionConfig,
+)
+
+from visurf_ray.models.policy import Policy
+from visurf_ray.models.processor import TEMPORAL_PATCH_SIZE, ImageOnlyQwenVLProcessor, build_image_processor
+from visurf_ray.models.tokenizer import train_tokenizer
+
+
+@dataclass(frozen=True)
+class TinyVLMSpec:
+    """Sizes of the tiny Qwen2.5-VL (defaults: ~1.5M parameters, the measured learnable setting in DESIGN.md).
+
+    head_dim is text_hidden / text_heads (32 at the defaults): transformers' Qwen2.5-VL attention derives it from those
+    two and ignores a separate head_dim, so it cannot be chosen independently. vLLM needs head_dim >= 64; for a tiny
+    model served by vLLM use `TinyVLMSpec(text_heads=2, text_kv_heads=1)` (head_dim 64, same parameter count).
+    """
+
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 512
+    vision_depth: int = 2
+    vision_hidden: int = 96
+    vision_heads: int = 2
+    vision_mlp: int = 384
+    patch_size: int = 14  # pixels
+    spatial_merge: int = 2  # patches per side merged into one image token
+    image_size: int = 112  # pixels per side: (112 / 14)² = 64 patches -> 16 image tokens
+    vocab_size: int = 512  # BPE vocabulary before the answer-skeleton tokens (see train_tokenizer)
+    max_positions: int = 4096  # tokens
+
+    def __post_init__(self):
+        for name in ("text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp", "vision_depth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TinyVLMSpec.{name} must be positive, got {getattr(self, name)}")
+        if self.text_hidden % self.text_heads or self.text_heads % self.text_kv_heads:
+            raise ValueError(
+                f"TinyVLMSpec: text_hidden ({self.text_hidden}) must divide by text_heads ({self.text_heads}) and "
+                f"text_heads by text_kv_heads ({self.text_kv_heads})"
+            )
+        if self.head_dim % 16:
+            raise ValueError(
+                f"TinyVLMSpec: head_dim = text_hidden / text_heads must be a multiple of 16 (M-RoPE "
+                f"splits it 2:3:3), got {self.head_dim}"
+            )
+        if self.vision_hidden % self.vision_heads or (self.vision_hidden // self.vision_heads) % 4:
+            raise ValueError(
+                f"TinyVLMSpec: vision_hidden ({self.vision_hidden}) / vision_heads ({self.vision_heads}) must be a "
+                "multiple of 4"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.text_hidden // self.text_heads
+
+    @property
+    def image_tokens(self) -> int:
+        """Language-model tokens per `image_size`² image."""
+        return (self.image_size // (self.patch_size * self.spatial_merge)) ** 2
+
+    def mrope_section(self) -> list[int]:
+        """Rotary frequency pairs given to (time, height, width); Qwen2.5-VL's 16:24:24 ratio for head_dim 128."""
+        half = self.head_dim // 2
+        return [half // 4, 3 * half // 8, 3 * half // 8]
+
+
+def build_tiny_vlm(
+    corpus: Iterable[str], spec: TinyVLMSpec = TinyVLMSpec(), *, seed: int = 0, out_dir: str | Path | None = None
+) -> Policy:
+    """Build a randomly initialised tiny Qwen2.5-VL policy (float32, CPU), the same for the same corpus and seed.
+
+    Args:
+        corpus: texts in the task's format to train the tokenizer on (prompts and answers).
+        spec: model sizes.
+        seed: seeds the weight initialisation (the global torch RNG is left as it was).
+        out_dir: when given, the policy is saved there (model, generation config, processor, tokenizer, chat template)
+            so that `load_policy(out_dir)` loads it back.
+    """
+    tokenizer = train_tokenizer(corpus, vocab_size=spec.vocab_size)
+    token_id = tokenizer.convert_tokens_to_ids
+    text_config = Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_mlp,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=spec.max_positions,
+        max_window_layers=spec.text_layers,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": spec.mrope_section()},
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = Qwen2_5_VLVisionConfig(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_hidden,
+        num_heads=spec.vision_heads,
+        intermediate_size=spec.vision_mlp,
+        patch_size=spec.patch_size,
+        spatial_merge_size=spec.spatial_merge,
+        temporal_patch_size=TEMPORAL_PATCH_SIZE,
+        window_size=spec.image_size,
+        out_hidden_size=spec.text_hidden,
+        fullatt_block_indexes=[spec.vision_depth - 1],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    processor = ImageOnlyQwenVLProcessor(
+        image_processor=build_image_processor(
+            image_size=spec.image_size, patch_size=spec.patch_size, merge_size=spec.spatial_merge
+        ),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+    policy = Policy(model=model, processor=processor)
+    if out_dir is not None:
+        policy.save_pretrained(out_dir)
+    return policy

@@ -1,0 +1,179 @@
+"""Token-level losses on log-probabilities: PPO/GRPO clipped surrogate, SFT negative log-likelihood, KL penalty, and
+the aggregations that turn per-token values into one scalar.
+
+Pure torch on [N sequences, T tokens] tensors. Must not import ray, transformers or visurf_ray.rewards.
+
+Conventions: `logp[n, t]` is log π(token t of completion n) in nats; `mask[n, t]` (bool) marks the completion tokens
+that count. Masked-out positions must hold finite values (their gradient is multiplied by 0, and 0·inf is NaN).
+
+Aggregations (`agg`):
+  - "token-mean": sum over all counted tokens / number of counted tokens; a sequence weighs its share of the tokens.
+  - "seq-mean-token-mean": mean over the N sequences of each sequence's token-mean; every sequence weighs exactly 1/N
+    (the paper's 1/(G+1) per group member). A sequence with no counted token contributes 0 and still counts in N.
+  - "seq-mean-token-sum": mean over the N sequences of each sequence's token sum (Dr.GRPO). Dr.GRPO's division by a
+    constant maximum length only rescales the loss (a learning-rate change, invisible to Adam up to its eps), so it is
+    not offered.
+An all-empty mask gives 0 for every aggregation, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over the positions where `mask` is True ("token-mean"); 0 when the mask is empty.
+
+    values: [N, T] floating; mask: [N, T] bool. Returns a scalar of values' dtype.
+    """
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp(min=1).to(values.dtype)
+
+
+def _seq_mean_token_mean(values: Tensor, mask: Tensor) -> Tensor:
+    per_sequence = torch.where(mask, values, torch.zeros_like(values)).sum(dim=1)
+    return (per_sequence / mask.sum(dim=1).clamp(min=1).to(values.dtype)).mean()
+
+
+def _seq_mean_token_sum(values: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, values, torch.zeros_like(values)).sum(dim=1).mean()
+
+
+AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "token-mean": masked_mean,
+    "seq-mean-token-mean": _seq_mean_token_mean,
+    "seq-mean-token-sum": _seq_mean_token_sum,
+}
+
+
+def _low_var_kl(log_ratio: Tensor) -> Tensor:
+    ref_log_ratio = (-log_ratio).clamp(-20.0, 20.0)
+    return (torch.exp(ref_log_ratio) - ref_log_ratio - 1.0).clamp(-10.0, 10.0)
+
+
+# Per-token estimators of KL(π_θ ‖ π_ref) from log_ratio = logp − ref_logp, on tokens sampled from π_θ (verl's names).
+KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {
+    "kl": lambda log_ratio: log_ratio,  # k1
+    "abs": lambda log_ratio: log_ratio.abs(),
+    "mse": lambda log_ratio: 0.5 * log_ratio.square(),  # k2
+    "low_var_kl": _low_var_kl,  # k3 = exp(−log_ratio) + log_ratio − 1, log ratio clamped to ±20, result to ±10
+}
+
+
+def get_aggregation(agg: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The aggregation registered as `agg` (see the module docstring); ValueError naming `agg` otherwise."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {sorted(AGGREGATIONS)}, got {agg!r}")
+    return AGGREGATIONS[agg]
+
+
+def get_kl_estimator(kind: str) -> Callable[[Tensor], Tensor]:
+    """The per-token KL estimator registered as `kind`; ValueError naming `kind` otherwise."""
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"kind must be one of {sorted(KL_ESTIMATORS)}, got {kind!r}")
+    return KL_ESTIMATORS[kind]
+
+
+def check_clip_range(clip_low: float, clip_high: float) -> None:
+    """ValueError naming the argument unless 0 < clip_low < 1 and clip_high > 0 (the ratio is clipped to
+    [1 − clip_low, 1 + clip_high])."""
+    if isinstance(clip_low, bool) or not (isinstance(clip_low, int | float) and 0 < clip_low < 1):
+        raise ValueError(f"clip_low must be in (0, 1), got {clip_low!r}")
+    if isinstance(clip_high, bool) or not (
+        isinstance(clip_high, int | float) and math.isfinite(clip_high) and clip_high > 0
+    ):
+        raise ValueError(f"clip_high must be a finite number > 0, got {clip_high!r}")
+
+
+def _check_token_tensors(logp: object, mask: object, **same_as_logp: object) -> None:
+    if not isinstance(logp, Tensor) or logp.ndim != 2 or not logp.is_floating_point():
+        raise ValueError(f"logp must be a floating-point [N, T] tensor, got {_describe(logp)}")
+    if logp.shape[0] < 1:
+        raise ValueError(f"logp must hold at least one sequence, got shape {tuple(logp.shape)}")
+    for name, tensor in same_as_logp.items():
+        if not isinstance(tensor, Tensor) or tensor.shape != logp.shape or tensor.dtype != logp.dtype:
+            raise ValueError(
+                f"{name} must be a {logp.dtype} tensor of shape {tuple(logp.shape)}, got {_describe(tensor)}"
+            )
+    if not isinstance(mask, Tensor) or mask.shape != logp.shape or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a torch.bool tensor of shape {tuple(logp.shape)}, got {_describe(mask)}")
+
+
+def _describe(tensor: object) -> str:
+    if isinstance(tensor, Tensor):
+        return f"{tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+    return type(tensor).__name__
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO/GRPO clipped surrogate: per token max(−Â·ρ, −Â·clip(ρ, 1 − clip_low, 1 + clip_high)), aggregated by `agg`.
+
+    ρ = exp(logp − old_logp). A token whose ratio left the clip range in the direction its advantage pushes gets zero
+    gradient; in the other direction the unclipped term stays active.
+
+    logp, old_logp: [N, T] log-probs (nats), same floating dtype; advantages: [N] (one per sequence) or [N, T]
+    (per token), floating, cast to logp's dtype; mask: [N, T] bool.
+    Returns (loss: scalar, metrics) with metrics (token-means over the mask, whatever `agg`):
+      clip_fraction — share of tokens where the clipped term is the active one;
+      approx_kl — KL(π_old ‖ π_θ) estimated by k3 = (ρ − 1) − log ρ.
+    """
+    _check_token_tensors(logp, mask, old_logp=old_logp)
+    if not isinstance(advantages, Tensor) or not advantages.is_floating_point():
+        raise ValueError(f"advantages must be a floating-point tensor, got {_describe(advantages)}")
+    if advantages.shape == logp.shape[:1]:
+        advantages = advantages.unsqueeze(1)
+    elif advantages.shape != logp.shape:
+        raise ValueError(
+            f"advantages must have shape {tuple(logp.shape[:1])} or {tuple(logp.shape)}, got {tuple(advantages.shape)}"
+        )
+    check_clip_range(clip_low, clip_high)
+    aggregate = get_aggregation(agg)
+
+    advantages = advantages.to(logp.dtype)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": masked_mean((clipped > unclipped).to(logp.dtype), mask).item(),
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask).item(),
+        }
+    return loss, metrics
+
+
+def sft_loss(logp: Tensor, mask: Tensor, *, agg: str = "token-mean") -> Tensor:
+    """Supervised fine-tuning loss: negative log-likelihood of the counted tokens, aggregated by `agg`.
+
+    logp: [N, T] log-probs (nats) of the target tokens; mask: [N, T] bool. Returns a scalar (nats per token for the
+    token-mean aggregations, nats per sequence for "seq-mean-token-sum").
+    """
+    _check_token_tensors(logp, mask)
+    return -get_aggregation(agg)(logp, mask)
+
+
+def kl_penalty(
+    logp: Tensor, ref_logp: Tensor, mask: Tensor, kind: str = "low_var_kl", *, agg: str = "token-mean"
+) -> Tensor:
+    """KL(π_θ ‖ π_ref) penalty: the per-token estimator `kind` (see KL_ESTIMATORS), aggregated by `agg`.
+
+    logp, ref_logp: [N, T] log-probs (nats) of tokens sampled from π_θ, same floating dtype; mask: [N, T] bool.
+    Returns a scalar (nats).
+    """
+    _check_token_tensors(logp, mask, ref_logp=ref_logp)
+    estimator = get_kl_estimator(kind)
+    return get_aggregation(agg)(estimator(logp - ref_logp), mask)

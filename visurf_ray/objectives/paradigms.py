@@ -1,0 +1,388 @@
+"""Training paradigms by name (SFT, RLVR, ViSurf, SFT→RLVR): which members a batch holds, how their advantages are
+computed from rewards, and which loss trains on them. The objective configuration lives here too.
+
+Pure torch. Must not import ray, transformers or visurf_ray.rewards. A new paradigm (e.g. LUFFY or CHORD) is one class
+decorated with `@register_paradigm("name")`.
+
+Member order (the trainer stacks sequences this way; `stack_members` does it): for each prompt, its G rollouts (when
+the paradigm `needs_rollouts`), then its label (when it `needs_label`). With B prompts, N = B·(G·needs_rollouts +
+needs_label) members.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from visurf_ray.objectives.advantages import group_advantages, smoothing_mask, visurf_advantages
+from visurf_ray.objectives.losses import (
+    KL_ESTIMATORS,
+    check_clip_range,
+    get_aggregation,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    sft_loss,
+)
+
+PARADIGMS: dict[str, Paradigm] = {}
+
+
+def register_paradigm(name: str):
+    """Class decorator: instantiate the Paradigm subclass and register it as `name` (also set as its `name`)."""
+
+    def wrap(cls: type[Paradigm]) -> type[Paradigm]:
+        if name in PARADIGMS:
+            raise ValueError(f"paradigm {name!r} is already registered")
+        cls.name = name
+        PARADIGMS[name] = cls()
+        return cls
+
+    return wrap
+
+
+def get_paradigm(name: str) -> Paradigm:
+    """The paradigm registered as `name`; ValueError naming `paradigm` and listing the known ones otherwise."""
+    if name not in PARADIGMS:
+        raise ValueError(f"paradigm must be one of {sorted(PARADIGMS)}, got {name!r}")
+    return PARADIGMS[name]
+
+
+def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and low <= value <= high)
+    ):
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What a run optimises; validated on construction (ValueError naming the field).
+
+    paradigm: registry name (see PARADIGMS). num_rollouts: G completions sampled per prompt, >= 2 for paradigms that
+    need rollouts. clip_low / clip_high: the ratio is clipped to [1 − clip_low, 1 + clip_high], 0 < clip_low < 1,
+    clip_high > 0. agg: loss aggregation over tokens and sequences (losses.AGGREGATIONS). unbiased_std /
+    normalize_std / eps: group normalisation (advantages.group_advantages). smoothing: ViSurf reward control 3, applied
+    here. align_label / eliminate_label_thinking: ViSurf reward controls 1 and 2, applied by the trainer to the label
+    text and its reward components before the rewards reach this package. kl_coef / kl_kind: KL(π_θ ‖ π_ref) penalty
+    weight (>= 0, 0 = off) and estimator (losses.KL_ESTIMATORS). sft_share: for sft_rlvr, the fraction of optimizer
+    steps spent in SFT, in [0, 1].
+    """
+
+    paradigm: str = "visurf"
+    num_rollouts: int = 8
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "seq-mean-token-mean"
+    unbiased_std: bool = True
+    normalize_std: bool = True
+    eps: float = 1e-6
+    smoothing: bool = True
+    align_label: bool = True
+    eliminate_label_thinking: bool = True
+    kl_coef: float = 0.0
+    kl_kind: str = "low_var_kl"
+    sft_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        paradigm = get_paradigm(self.paradigm)
+        min_rollouts = 2 if paradigm.needs_rollouts else 0
+        if (
+            isinstance(self.num_rollouts, bool)
+            or not isinstance(self.num_rollouts, int)
+            or self.num_rollouts < min_rollouts
+        ):
+            raise ValueError(
+                f"num_rollouts must be an int >= {min_rollouts} for paradigm {self.paradigm!r}, "
+                f"got {self.num_rollouts!r}"
+            )
+        check_clip_range(self.clip_low, self.clip_high)
+        get_aggregation(self.agg)
+        for name in ("unbiased_std", "normalize_std", "smoothing", "align_label", "eliminate_label_thinking"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_number("eps", self.eps, low=0.0)
+        _check_number("kl_coef", self.kl_coef, low=0.0)
+        if self.kl_kind not in KL_ESTIMATORS:
+            raise ValueError(f"kl_kind must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_kind!r}")
+        _check_number("sft_share", self.sft_share, low=0.0, high=1.0)
+
+
+def stack_members(rollout: Tensor | None, label: Tensor | None) -> Tensor:
+    """Stack per-member values in member order: for each prompt, its G rollouts, then its label.
+
+    rollout: [B, G, *] or None; label: [B, *] or None; at least one given, with equal B and trailing dims *.
+    Returns [N, *] with N = B·(G + 1), B·G or B. Works for advantages, rewards, flags and padded token rows alike.
+    """
+    if rollout is None and label is None:
+        raise ValueError("stack_members needs rollout or label, got neither")
+    if rollout is not None and (not isinstance(rollout, Tensor) or rollout.ndim < 2):
+        raise ValueError(f"rollout must be a [B, G, *] tensor, got {type(rollout).__name__}")
+    if label is not None and (not isinstance(label, Tensor) or label.ndim < 1):
+        raise ValueError(f"label must be a [B, *] tensor, got {type(label).__name__}")
+    if label is None:
+        return rollout.flatten(0, 1)
+    if rollout is None:
+        return label
+    if rollout.shape[:1] + rollout.shape[2:] != label.shape or rollout.dtype != label.dtype:
+        raise ValueError(
+            f"label ({label.dtype}, shape {tuple(label.shape)}) must match rollout ({rollout.dtype}, shape "
+            f"{tuple(rollout.shape)}) without its group dimension"
+        )
+    return torch.cat([rollout, label.unsqueeze(1)], dim=1).flatten(0, 1)
+
+
+@dataclass(frozen=True)
+class GroupAdvantages:
+    """Advantages of one batch: rollout [B, G] (None without rollouts), label [B] (None without the label), and
+    metrics (floats) for logging."""
+
+    rollout: Tensor | None
+    label: Tensor | None
+    metrics: dict[str, float]
+
+    def per_member(self) -> tuple[Tensor, Tensor]:
+        """(advantages [N], is_label [N] bool) in member order, ready for `Paradigm.loss`."""
+        rollout_flags = None if self.rollout is None else torch.zeros_like(self.rollout, dtype=torch.bool)
+        label_flags = None if self.label is None else torch.ones_like(self.label, dtype=torch.bool)
+        return stack_members(self.rollout, self.label), stack_members(rollout_flags, label_flags)
+
+
+def _check_step(step: int, total_steps: int) -> None:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total_steps:
+        raise ValueError(f"step must be an int in [0, {total_steps}), got {step!r}")
+
+
+def _zero_std_fraction(group_advantages: Tensor) -> float:
+    """Share of groups whose every advantage is exactly 0 (all rewards equal after smoothing: no signal).
+
+    group_advantages: [B, K]."""
+    return (group_advantages == 0).all(dim=1).double().mean().item()
+
+
+class Paradigm(ABC):
+    """How one training paradigm assembles a batch. Subclasses set `needs_rollouts` / `needs_label` (whether each
+    prompt contributes G rollouts / its label as members) and implement `advantages` and `loss`; `register_paradigm`
+    sets `name`."""
+
+    name: ClassVar[str]
+    needs_rollouts: ClassVar[bool]
+    needs_label: ClassVar[bool]
+
+    @abstractmethod
+    def advantages(
+        self, rollout_rewards: Tensor | None, label_rewards: Tensor | None, cfg: ObjectiveConfig
+    ) -> GroupAdvantages:
+        """Advantages from rewards. rollout_rewards: [B, G] (given iff `needs_rollouts`); label_rewards: [B] (given
+        iff `needs_label`); reward units, floating."""
+
+    @abstractmethod
+    def loss(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        mask: Tensor,
+        advantages: Tensor,
+        is_label: Tensor,
+        cfg: ObjectiveConfig,
+        *,
+        ref_logp: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Loss over the batch's N members in member order. logp, old_logp, ref_logp: [N, T] log-probs (nats) of the
+        members' completion tokens; mask: [N, T] bool; advantages: [N]; is_label: [N] bool. ref_logp is required
+        when cfg.kl_coef > 0; when given, its KL is reported as `kl` and added with weight cfg.kl_coef.
+        Returns (loss scalar, metrics with at least `loss`)."""
+
+    def for_step(self, step: int, total_steps: int, cfg: ObjectiveConfig) -> Paradigm:
+        """The paradigm in effect at optimizer step `step` of `total_steps` (0-based): this one, unless a schedule."""
+        _check_step(step, total_steps)
+        return self
+
+    def member_is_label(self, num_prompts: int, cfg: ObjectiveConfig) -> Tensor:
+        """The is_label flags [N] (bool) of a batch of `num_prompts` prompts in member order."""
+        rollout = torch.zeros(num_prompts, cfg.num_rollouts, dtype=torch.bool) if self.needs_rollouts else None
+        label = torch.ones(num_prompts, dtype=torch.bool) if self.needs_label else None
+        return stack_members(rollout, label)
+
+    def _check_rewards_present(
+        self, rollout_rewards: Tensor | None, label_rewards: Tensor | None, cfg: ObjectiveConfig
+    ) -> None:
+        if self.needs_rollouts != (rollout_rewards is not None):
+            raise ValueError(f"rollout_rewards must be {'given' if self.needs_rollouts else 'None'} for {self.name}")
+        if self.needs_label != (label_rewards is not None):
+            raise ValueError(f"label_rewards must be {'given' if self.needs_label else 'None'} for {self.name}")
+        if rollout_rewards is not None and (
+            not isinstance(rollout_rewards, Tensor)
+            or rollout_rewards.ndim != 2
+            or rollout_rewards.shape[1] != cfg.num_rollouts
+        ):
+            got = (
+                tuple(rollout_rewards.shape) if isinstance(rollout_rewards, Tensor) else type(rollout_rewards).__name__
+            )
+            raise ValueError(f"rollout_rewards must have shape [B, num_rollouts={cfg.num_rollouts}], got {got}")
+        if label_rewards is not None and (
+            not isinstance(label_rewards, Tensor) or label_rewards.ndim != 1 or not label_rewards.is_floating_point()
+        ):
+            got = (
+                f"{label_rewards.dtype} {tuple(label_rewards.shape)}"
+                if isinstance(label_rewards, Tensor)
+                else label_rewards
+            )
+            raise ValueError(f"label_rewards must be a floating-point [B] tensor, got {got!r}")
+
+    def _check_members(self, is_label: Tensor, num_members: int, cfg: ObjectiveConfig) -> None:
+        if not isinstance(is_label, Tensor) or is_label.dtype != torch.bool or is_label.shape != (num_members,):
+            got = (
+                f"{is_label.dtype} {tuple(is_label.shape)}" if isinstance(is_label, Tensor) else type(is_label).__name__
+            )
+            raise ValueError(f"is_label must be a torch.bool tensor of shape ({num_members},), got {got}")
+        per_prompt = cfg.num_rollouts * self.needs_rollouts + self.needs_label
+        expected = self.member_is_label(num_members // per_prompt, cfg)
+        if num_members % per_prompt or not torch.equal(is_label.cpu(), expected):
+            raise ValueError(
+                f"is_label must follow {self.name}'s member order ({per_prompt} members per prompt: "
+                f"{cfg.num_rollouts * self.needs_rollouts} rollouts then {int(self.needs_label)} label)"
+            )
+
+    @staticmethod
+    def _finish(
+        loss: Tensor,
+        metrics: dict[str, float],
+        logp: Tensor,
+        mask: Tensor,
+        is_label: Tensor,
+        cfg: ObjectiveConfig,
+        ref_logp: Tensor | None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Add the KL term and the label/rollout split metrics."""
+        if ref_logp is not None:
+            kl = kl_penalty(logp, ref_logp, mask, cfg.kl_kind, agg=cfg.agg)
+            loss = loss + cfg.kl_coef * kl
+            metrics["kl"] = kl.item()
+        elif cfg.kl_coef > 0:
+            raise ValueError(f"ref_logp is required when kl_coef > 0 (kl_coef={cfg.kl_coef})")
+        with torch.no_grad():
+            member_is_label = is_label.unsqueeze(1)
+            counted = mask.sum().clamp(min=1).double()
+            for part, part_mask in (("label", mask & member_is_label), ("rollout", mask & ~member_is_label)):
+                if part_mask.any():
+                    metrics[f"{part}_logp_mean"] = masked_mean(logp.detach(), part_mask).item()
+                    metrics[f"{part}_token_fraction"] = (part_mask.sum() / counted).item()
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+
+@register_paradigm("sft")
+class SFT(Paradigm):
+    """Supervised fine-tuning on the labels alone: each member is a label with advantage 1; loss `sft_loss`."""
+
+    needs_rollouts = False
+    needs_label = True
+
+    def advantages(self, rollout_rewards, label_rewards, cfg):
+        """label_rewards [B] gives B and is reported as label_reward_mean; every label's advantage is 1."""
+        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
+        label = torch.ones_like(label_rewards)
+        metrics = {"label_reward_mean": label_rewards.double().mean().item(), "label_advantage_mean": 1.0}
+        return GroupAdvantages(rollout=None, label=label, metrics=metrics)
+
+    def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
+        """`sft_loss` with cfg.agg; old_logp and advantages (all 1 by definition) are accepted for the common
+        signature and only shape-checked."""
+        loss = sft_loss(logp, mask, agg=cfg.agg)
+        for name, tensor, shape in (("old_logp", old_logp, logp.shape), ("advantages", advantages, logp.shape[:1])):
+            if not isinstance(tensor, Tensor) or tensor.shape != shape:
+                got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+                raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
+        self._check_members(is_label, logp.shape[0], cfg)
+        return self._finish(loss, {"sft_loss": loss.item()}, logp, mask, is_label, cfg, ref_logp)
+
+
+@register_paradigm("rlvr")
+class RLVR(Paradigm):
+    """GRPO on the G rollouts: group advantages, clipped surrogate `policy_loss` over all members."""
+
+    needs_rollouts = True
+    needs_label = False
+
+    def advantages(self, rollout_rewards, label_rewards, cfg):
+        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
+        rollout = group_advantages(
+            rollout_rewards, unbiased_std=cfg.unbiased_std, normalize_std=cfg.normalize_std, eps=cfg.eps
+        )
+        metrics = {
+            "rollout_reward_mean": rollout_rewards.double().mean().item(),
+            "zero_std_fraction": _zero_std_fraction(rollout),
+        }
+        return GroupAdvantages(rollout=rollout, label=None, metrics=metrics)
+
+    def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
+        """`policy_loss` over all members (a label, where present, is a member with its own advantage and old_logp)."""
+        loss, metrics = policy_loss(
+            logp, old_logp, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg
+        )
+        self._check_members(is_label, logp.shape[0], cfg)
+        return self._finish(loss, {"pg_loss": loss.item(), **metrics}, logp, mask, is_label, cfg, ref_logp)
+
+
+@register_paradigm("visurf")
+class ViSurf(RLVR):
+    """ViSurf: the label joins each group of G rollouts as member G+1 (`visurf_advantages`, with cfg.smoothing); the
+    loss is RLVR's over all G+1 members. With ratio 1 and "seq-mean-token-mean", the label's gradient is
+    Â_y/(G+1) · ∇ sft_loss(label) per prompt."""
+
+    needs_rollouts = True
+    needs_label = True
+
+    def advantages(self, rollout_rewards, label_rewards, cfg):
+        """Metrics: reward means (label before smoothing), label_advantage_mean, smoothing_fired_fraction (0 when
+        smoothing is off), zero_std_fraction (groups whose G+1 advantages are all 0)."""
+        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
+        rollout, label = visurf_advantages(
+            rollout_rewards,
+            label_rewards,
+            smoothing=cfg.smoothing,
+            unbiased_std=cfg.unbiased_std,
+            normalize_std=cfg.normalize_std,
+            eps=cfg.eps,
+        )
+        fired = smoothing_mask(rollout_rewards, label_rewards) & cfg.smoothing
+        metrics = {
+            "rollout_reward_mean": rollout_rewards.double().mean().item(),
+            "label_reward_mean": label_rewards.double().mean().item(),
+            "label_advantage_mean": label.double().mean().item(),
+            "smoothing_fired_fraction": fired.double().mean().item(),
+            "zero_std_fraction": _zero_std_fraction(torch.cat([rollout, label.unsqueeze(1)], dim=1)),
+        }
+        return GroupAdvantages(rollout=rollout, label=label, metrics=metrics)
+
+
+@register_paradigm("sft_rlvr")
+class SFTThenRLVR(Paradigm):
+    """Two stages in sequence: SFT for the first round(sft_share · total_steps) optimizer steps, then RLVR (Python's
+    round: halves go to the even integer). A schedule, not an objective: `for_step` returns the paradigm in effect,
+    whose `advantages` and `loss` the trainer calls; batches over the run need both rollouts and labels."""
+
+    needs_rollouts = True
+    needs_label = True
+
+    def for_step(self, step, total_steps, cfg):
+        _check_step(step, total_steps)
+        return get_paradigm("sft") if step < round(cfg.sft_share * total_steps) else get_paradigm("rlvr")
+
+    def advantages(self, rollout_rewards, label_rewards, cfg):
+        """Refused: ask `for_step` for the stage in effect."""
+        raise ValueError("paradigm 'sft_rlvr' is a schedule: call for_step(step, total_steps, cfg).advantages(...)")
+
+    def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
+        """Refused: ask `for_step` for the stage in effect."""
+        raise ValueError("paradigm 'sft_rlvr' is a schedule: call for_step(step, total_steps, cfg).loss(...)")

@@ -1,0 +1,1 @@
+"""Rollout backends: sample G completions per prompt with token ids (and old log-probs where the engine differs)."""

@@ -1,0 +1,36 @@
+"""Rollouts with Hugging Face `generate` on the policy module itself (CPU or GPU): batched, KV cache, vision and
+control tokens suppressed. The module being trained samples, so no weight sync is needed. Never imports Ray."""
+
+from __future__ import annotations
+
+import torch
+
+from visurf_ray.models.generation import generate
+from visurf_ray.models.inputs import PromptBatch
+from visurf_ray.models.policy import Policy
+from visurf_ray.rollout.base import Rollouts, SamplingConfig
+
+
+class HFRolloutBackend:
+    """Samples from `policy.model` (the trainer's module, e.g. a DeepSpeed engine's `.module`)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def generate(self, prompt_batch: PromptBatch, n: int, sampling: SamplingConfig, seed: int) -> Rollouts:
+        """n completions per prompt of `prompt_batch` [B, P]; old_logp is None (on-policy, see `Rollouts`)."""
+        completions = generate(
+            self.policy,
+            prompt_batch,
+            num_return_sequences=n,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            do_sample=sampling.do_sample,
+            seed=seed,
+        )
+        return Rollouts(completions.completion_ids, completions.prompt_index, completions.texts, old_logp=None)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to do: generation runs on the trained module itself."""
+        self.policy.model = model

@@ -1,0 +1,154 @@
+"""The optimisation engine: a DeepSpeed ZeRO engine around the policy (or plain torch when DeepSpeed is off).
+
+Works in one process (a single-rank gloo group is created when none exists) and inside Ray Train workers, where
+TorchTrainer has already initialised the process group. A torch AdamW is passed to DeepSpeed so that no fused-Adam
+extension is JIT-built. Never imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from visurf_ray.config import DeepSpeedConfig, OptimConfig
+
+
+def ensure_process_group() -> None:
+    """Create a single-rank gloo group on 127.0.0.1 when no torch.distributed group exists (in-process runs)."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    if dist.is_initialized():
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def use_bf16(ds: DeepSpeedConfig) -> bool:
+    return ds.bf16 == "true" or (ds.bf16 == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int) -> dict[str, Any]:
+    """The DeepSpeed JSON: `optim.micro_batches` backward passes per optimizer step, each loss already weighted by
+    its share of the batch (so DeepSpeed must not divide it again). micro_batch: sequences per micro-batch (nominal)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": optim.micro_batches,
+        "gradient_clipping": optim.max_grad_norm,
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.reduce_bucket_size,
+            "overlap_comm": torch.cuda.is_available(),
+            "contiguous_gradients": True,
+        },
+        "bf16": {"enabled": use_bf16(ds)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup over `warmup` steps, then cosine decay to 10% at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Engine:
+    """What the step function needs: the trainable module, backward per micro-batch, step, and checkpoint I/O.
+
+    Per optimizer step the caller makes exactly `optim.micro_batches` `backward` calls, then one `step`."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    deepspeed_engine: Any | None
+    max_grad_norm: float
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.deepspeed_engine is not None:
+            self.deepspeed_engine.backward(loss, scale_wrt_gas=False)
+            self.deepspeed_engine.step()  # updates only at the accumulation boundary (the last micro-batch)
+        else:
+            loss.backward()
+
+    def step(self) -> float:
+        """Clip, step the optimizer and the LR schedule, zero grads; returns the pre-clip global grad norm."""
+        if self.deepspeed_engine is not None:
+            norm = self.deepspeed_engine.get_global_grad_norm()
+        else:
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                for param in self.module.parameters():
+                    if param.grad is not None:
+                        dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, folder: Path) -> None:
+        """Write engine state (weights, optimizer, schedule) into `folder` (every rank calls this)."""
+        if self.deepspeed_engine is not None:
+            self.deepspeed_engine.save_checkpoint(str(folder), tag="engine")
+        elif not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(
+                {
+                    "module": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                folder / "engine.pt",
+            )
+
+    def load(self, folder: Path) -> None:
+        if self.deepspeed_engine is not None:
+            path, _ = self.deepspeed_engine.load_checkpoint(str(folder), tag="engine")
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed engine state under {folder}")
+        else:
+            state = torch.load(folder / "engine.pt", map_location="cpu", weights_only=False)
+            self.module.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_engine(
+    model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, *, total_steps: int, micro_batch: int
+) -> Engine:
+    """micro_batch: sequences per backward pass on this worker (DeepSpeed's nominal micro-batch size)."""
+    """Wrap `model` for training: DeepSpeed ZeRO (`ds.zero_stage`) with a torch AdamW, or plain torch."""
+    ensure_process_group()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, optim.warmup_steps)
+    )
+    if not ds.enabled:
+        return Engine(model, optimizer, scheduler, None, optim.max_grad_norm)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(ds, optim, micro_batch),
+    )
+    return Engine(ds_engine.module, ds_optimizer, ds_scheduler, ds_engine, optim.max_grad_norm)

@@ -1,0 +1,222 @@
+"""The per-worker training loop, written as a plain function of (config, session).
+
+`run_training` runs identically in one process (`LocalSession`: no Ray, used by tests and debugging) and as Ray
+Train's `train_loop_per_worker` (`visurf_ray.train.launcher.RaySession`). The session is the only thing that differs:
+it says which rank this is, receives metrics and checkpoint folders, and hands back the checkpoint to resume from.
+Never imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from visurf_ray.config import ExperimentConfig
+from visurf_ray.data.sample import Sample
+from visurf_ray.objectives.paradigms import get_paradigm
+from visurf_ray.rollout.base import SamplingConfig
+from visurf_ray.train.data import eval_sets, train_dataset
+from visurf_ray.train.engine import Engine, build_engine
+from visurf_ray.train.evaluate import evaluate
+from visurf_ray.train.models import load_reference, resolve_policy
+from visurf_ray.train.rollout import make_backend
+from visurf_ray.train.step import train_step
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class Session(Protocol):
+    """Where a worker's loop reports to and resumes from."""
+
+    rank: int
+    world_size: int
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+
+class LocalSession:
+    """In-process session: metrics to stdout and `<run_dir>/metrics.jsonl`, checkpoints to `<run_dir>/checkpoints/`.
+
+    A checkpoint folder is moved into place with one rename, so a run killed mid-write never leaves a partial one.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run_dir: str | Path, *, keep: int = 2, verbose: bool = True):
+        self.run_dir = Path(run_dir)
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self.verbose = verbose
+        self.history: list[dict[str, float]] = []
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        self.history.append(metrics)
+        with open(self.run_dir / "metrics.jsonl", "a") as out:
+            out.write(json.dumps(metrics) + "\n")
+        if checkpoint_dir is not None:
+            final = self.checkpoints / f"step_{int(metrics['step']):06d}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(checkpoint_dir, final)
+            for old in sorted(self.checkpoints.glob("step_*"))[: -self.keep]:
+                shutil.rmtree(old)
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoints.glob("step_*") if (p / TRAINER_STATE).is_file())
+        return done[-1] if done else None
+
+    def scratch_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoints))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of one worker's step: a function of (seed, step, rank) alone, so a resumed run samples the
+    same completions as an uninterrupted one."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**31 - 1)
+
+
+def batch_for_step(
+    dataset: list[Sample], step: int, per_step: int, rank: int, world_size: int, seed: int
+) -> list[Sample]:
+    """This worker's share of step `step`'s prompts: epoch-wise seeded shuffles of `dataset`, the global batch of
+    `per_step` prompts split into contiguous per-rank shards."""
+    if per_step % world_size:
+        raise ValueError(f"data.prompts_per_step={per_step} must be divisible by ray.num_workers={world_size}")
+    local = per_step // world_size
+    first = step * per_step + rank * local
+    picked = []
+    for position in range(first, first + local):
+        epoch, offset = divmod(position, len(dataset))
+        order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
+        picked.append(dataset[int(order[offset])])
+    return picked
+
+
+def _average_across_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    if world_size == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / world_size).tolist()))
+
+
+def _rng_state() -> dict:
+    """Global RNGs (the suite's own sampling uses explicit seeds and numpy Generators; this covers library code)."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(folder: Path, engine: Engine, step: int, rank: int, cfg: ExperimentConfig) -> None:
+    """Engine state (weights, optimizer, LR schedule), the data position (`step`: batches are a function of it) and
+    this rank's RNG state."""
+    engine.save(folder)
+    torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (folder / TRAINER_STATE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}))
+
+
+def load_checkpoint(folder: Path, engine: Engine, rank: int) -> int:
+    """Restore a checkpoint written by `save_checkpoint`; returns the number of steps already done."""
+    engine.load(folder)
+    rng_file = folder / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(json.loads((folder / TRAINER_STATE).read_text())["step"])
+
+
+def _progress(step: int, total: int, metrics: dict[str, float], started: float) -> None:
+    shown = ("loss", "rollout/overall", "label/overall", "label_advantage_mean", "all_fail_fraction", "step_time")
+    parts = [f"{k}={metrics[k]:.3g}" for k in shown if k in metrics]
+    parts += [f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/score")]
+    bar = "#" * int(20 * step / total)
+    print(
+        f"[{bar:<20}] step {step}/{total} {time.perf_counter() - started:5.1f}s " + " ".join(parts),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -> dict[str, float]:
+    """Train `cfg` on this worker, resuming from the session's latest checkpoint; returns the last metrics.
+
+    scratch_dir: a callable returning an empty folder to write a checkpoint into before handing it to the session
+    (default: a new temporary folder).
+    """
+    rank, world = session.rank, session.world_size
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    policy = resolve_policy(cfg.model)
+    dataset = train_dataset(cfg)
+    evals = eval_sets(cfg)
+    local_batch = cfg.data.prompts_per_step // world
+    paradigm = get_paradigm(cfg.objective.paradigm)
+    members_per_prompt = cfg.objective.num_rollouts + 1
+    engine = build_engine(
+        policy.model,
+        cfg.optim,
+        cfg.deepspeed,
+        total_steps=cfg.steps,
+        micro_batch=max(1, local_batch * members_per_prompt // cfg.optim.micro_batches),
+    )
+    policy.model = engine.module
+    backend = make_backend(cfg.rollout, policy)
+    reference = load_reference(cfg) if cfg.objective.kl_coef > 0 else None
+    sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+
+    start = 0
+    resume_from = session.latest_checkpoint()
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, engine, rank)
+        backend.sync_weights(engine.module)
+    started = time.perf_counter()
+    metrics: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        samples = batch_for_step(dataset, step, cfg.data.prompts_per_step, rank, world, cfg.seed)
+        stage = paradigm.for_step(step, cfg.steps, cfg.objective)
+        metrics = train_step(
+            policy=policy,
+            engine=engine,
+            backend=backend,
+            paradigm=stage,
+            objective=cfg.objective,
+            samples=samples,
+            sampling=sampling,
+            seed=step_seed(cfg.seed, step, rank),
+            micro_batches=cfg.optim.micro_batches,
+            reference=reference,
+        )
+        backend.sync_weights(engine.module)
+        metrics = _average_across_ranks(metrics, world)
+        done = step + 1
+        metrics["step"] = float(done)
+        metrics["prompts_seen"] = float(done * cfg.data.prompts_per_step)
+        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+            metrics.update(evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world))
+        checkpoint_dir = None
+        if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            checkpoint_dir = Path(scratch_dir() if scratch_dir else tempfile.mkdtemp(prefix="visurf-ckpt-"))
+            save_checkpoint(checkpoint_dir, engine, done, rank, cfg)
+        if rank == 0 and "stdout" in cfg.log_to:
+            _progress(done, cfg.steps, metrics, started)
+        session.report(metrics, checkpoint_dir)
+    return metrics

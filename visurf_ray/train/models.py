@@ -1,0 +1,32 @@
+"""Which policy a run starts from: a local checkpoint folder, or the embedded tiny base model (built and pretrained
+once, then cached). Never imports Ray."""
+
+from __future__ import annotations
+
+import torch
+
+from visurf_ray.config import TINY_BASE_MODEL, ExperimentConfig, ModelConfig
+from visurf_ray.models.policy import Policy, load_policy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_policy(model: ModelConfig) -> Policy:
+    """Load `model.path` (the tiny base model when it is "tiny-base") with `model.dtype`."""
+    path = model.path
+    if path == TINY_BASE_MODEL:
+        from visurf_ray.train.pretrain import ensure_base_model  # builds the tiny base model on first use
+
+        path = ensure_base_model()
+    policy = load_policy(path, dtype=DTYPES.get(model.dtype))
+    if model.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable()
+        policy.model.config.use_cache = False
+    return policy
+
+
+def load_reference(cfg: ExperimentConfig) -> torch.nn.Module:
+    """The frozen reference policy of the KL term: the run's starting checkpoint, in eval mode, without gradients."""
+    reference = resolve_policy(cfg.model).model.eval()
+    reference.requires_grad_(False)
+    return reference

@@ -1,0 +1,369 @@
+"""The tiny base model: SFT of the tiny Qwen2.5-VL on the benchmark's "pretrain" mix, its evaluation, and the cache
+that builds it once per recipe.
+
+The base model has partial competence, the starting point of every paradigm comparison: the answer format always
+right, some of the boxes right, and never an answer it was not taught (`[]` for absent objects, "no defect").
+Imports torch and transformers (through `visurf_ray.models`); never Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from visurf_ray.data.benchmark import KINDS, PRETRAIN, iter_split, make_split, target_text, text_corpus
+from visurf_ray.data.sample import Sample
+from visurf_ray.models import (
+    Policy,
+    TinyVLMSpec,
+    build_tiny_vlm,
+    completion_logprobs,
+    encode_prompts,
+    encode_sequences,
+    generate,
+)
+from visurf_ray.objectives import sft_loss
+from visurf_ray.rewards import get_verifier, score
+from visurf_ray.rewards.metrics import mask_overlap
+from visurf_ray.train.evaluate import evaluate, greedy_answers
+
+RECIPE_VERSION = 1
+"""Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
+
+REPORT_FILE = "pretrain_report.json"
+EVAL_SPLITS = {"grounding": "eval/grounding", "gui_point": "eval/gui_point", "anomaly": "eval/anomaly",
+               "count": "retained/count"}
+"""Evaluation set name (scores `eval/<name>/<metric>`) -> benchmark split."""
+ROLLOUT_SPLIT = "posttrain/grounding"
+
+LRSchedule = Callable[[float], float]
+LR_SCHEDULES: dict[str, LRSchedule] = {}
+
+
+def register_lr_schedule(name: str):
+    """Register `progress -> factor`: the learning-rate factor at a fraction `progress` in [0, 1] of the steps after
+    warmup (1.0 at progress 0)."""
+
+    def wrap(schedule: LRSchedule) -> LRSchedule:
+        LR_SCHEDULES[name] = schedule
+        return schedule
+
+    return wrap
+
+
+@register_lr_schedule("constant")
+def constant_schedule(progress: float) -> float:
+    return 1.0
+
+
+@register_lr_schedule("linear")
+def linear_schedule(progress: float) -> float:
+    return 1.0 - progress
+
+
+@register_lr_schedule("cosine")
+def cosine_schedule(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The recipe of the tiny base model; equal configs give equal models (CPU, same thread count).
+
+    Optimisation: `steps` AdamW updates of `batch_size` items each at peak learning rate `lr`, reached by linear
+    warmup over `warmup_steps` and decayed by `schedule` (a name in LR_SCHEDULES) towards `final_lr_ratio * lr`;
+    gradients clipped to norm `grad_clip`. Curriculum: the first `easy_steps` steps draw only items of `easy_kinds`
+    (kinds of the benchmark's "pretrain" mix); later steps draw the whole mix. Each step's batch is split into at most
+    `length_groups` micro-batches of similar completion length (less padding, same token-mean gradient).
+    Evaluation: `eval_size` items per evaluation set, greedy, up to `eval_max_new_tokens` tokens; rollout groups of
+    `rollout_samples` completions at temperature 1 on `rollout_prompts` posttrain grounding prompts.
+    `corpus_size` texts train the tokenizer; `threads` is torch's intra-op thread count during pretraining.
+    """
+
+    seed: int = 0
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    schedule: str = "cosine"
+    final_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    easy_steps: int = 0
+    easy_kinds: tuple[str, ...] = ("grounding_single", "gui_point", "anomaly_defect")
+    length_groups: int = 2
+    spec: TinyVLMSpec = field(default_factory=TinyVLMSpec)
+    corpus_size: int = 2000
+    eval_size: int = 100
+    eval_max_new_tokens: int = 128
+    rollout_prompts: int = 16
+    rollout_samples: int = 8
+    threads: int = 2
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "length_groups", "corpus_size", "eval_size", "eval_max_new_tokens",
+                    "rollout_prompts", "rollout_samples", "threads")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("seed", "warmup_steps", "easy_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name} must be a non-negative int, got {getattr(self, name)!r}")
+        if not self.lr > 0 or not self.grad_clip > 0 or self.weight_decay < 0:
+            raise ValueError(f"PretrainConfig: lr ({self.lr}) and grad_clip ({self.grad_clip}) must be > 0 and "
+                             f"weight_decay ({self.weight_decay}) >= 0")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise ValueError(f"PretrainConfig.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"PretrainConfig.schedule must be one of {sorted(LR_SCHEDULES)}, got {self.schedule!r}")
+        unknown = [kind for kind in self.easy_kinds if kind not in PRETRAIN.kinds]
+        if unknown or not self.easy_kinds:
+            raise ValueError(f"PretrainConfig.easy_kinds must be non-empty kinds of the pretrain mix "
+                             f"{sorted(PRETRAIN.kinds)}, got unknown {unknown}")
+
+    def key(self) -> str:
+        """12 hex digits identifying this recipe (every field and RECIPE_VERSION): the cache folder's suffix."""
+        text = json.dumps({"recipe_version": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of update `step` (0-based): linear warmup to `lr`, then `schedule` down to the final ratio."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(self.steps - self.warmup_steps - 1, 1)
+        factor = LR_SCHEDULES[self.schedule](min(progress, 1.0))
+        return self.lr * (self.final_lr_ratio + (1.0 - self.final_lr_ratio) * factor)
+
+
+def training_batches(cfg: PretrainConfig) -> Iterator[list[Sample]]:
+    """`cfg.steps` batches of `cfg.batch_size` items of `iter_split("pretrain", cfg.seed)`, in stream order; the
+    first `cfg.easy_steps` batches skip items whose kind is not in `cfg.easy_kinds` (they are not used later either)."""
+    stream = iter_split("pretrain", cfg.seed)
+    easy = (sample for sample in stream if sample.meta["kind"] in cfg.easy_kinds)
+    for step in range(cfg.steps):
+        yield list(itertools.islice(easy if step < cfg.easy_steps else stream, cfg.batch_size))
+
+
+def target_ids(policy: Policy, sample: Sample) -> list[int]:
+    """Token ids of `target_text(sample)` followed by the eos token `<|im_end|>`."""
+    tokenizer = policy.tokenizer
+    return tokenizer(target_text(sample), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
+    """Split items into at most `groups` micro-batches of similar length, minimising padded tokens.
+
+    lengths: N completion lengths in tokens. Returns lists of item indices (each sorted by length, shortest group
+    first); the padded cost of a group is its size times its longest length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    # best[k][j]: least padded tokens covering the j shortest items with k groups; cut[k][j]: start of the last group
+    best = [[0.0] + [math.inf] * n for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    for k in range(1, groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[k - 1][i] + (j - i) * sorted_lengths[j - 1]
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, groups + 1), key=lambda g: best[g][n])
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((cut[k][j], j))
+        j, k = cut[k][j], k - 1
+    return [order[start:end] for start, end in reversed(bounds)]
+
+
+def sft_update(
+    policy: Policy, optimizer: torch.optim.Optimizer, batch: list[Sample], *, groups: int, grad_clip: float
+) -> float:
+    """One SFT step on `batch`: token-mean NLL of the targets (+ eos) over the whole batch, accumulated over
+    length-grouped micro-batches, gradient clipped to norm `grad_clip`, then `optimizer.step()`.
+
+    Returns the batch's loss in nats per target token.
+    """
+    ids = [target_ids(policy, sample) for sample in batch]
+    total_tokens = sum(len(target) for target in ids)
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = 0.0
+    for group in length_groups([len(target) for target in ids], groups):
+        prompts = encode_prompts(policy, [batch[i].image for i in group], [batch[i].problem for i in group])
+        sequences = encode_sequences(policy, prompts, [ids[i] for i in group], list(range(len(group))))
+        logp, mask = completion_logprobs(policy.model, sequences.to(policy.device))
+        group_tokens = sum(len(ids[i]) for i in group)
+        loss = sft_loss(logp, mask.bool(), agg="token-mean") * (group_tokens / total_tokens)
+        loss.backward()
+        loss_value += loss.item()
+    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
+    optimizer.step()
+    return loss_value
+
+
+def train_base(cfg: PretrainConfig, *, log: Callable[[str], None] = print, log_every: int = 100) -> Policy:
+    """Build the tiny VLM (tokenizer trained on `text_corpus(seed, corpus_size)`) and SFT it for `cfg.steps` steps.
+
+    Logs the mean loss (nats per target token), learning rate and elapsed seconds every `log_every` steps. Runs with
+    `cfg.threads` torch threads and restores the previous count afterwards. Returns the policy in eval mode.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        policy = build_tiny_vlm(text_corpus(cfg.seed, cfg.corpus_size), cfg.spec, seed=cfg.seed)
+        model = policy.model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.weight_decay)
+        start, losses = time.perf_counter(), []
+        for step, batch in enumerate(training_batches(cfg)):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            losses.append(sft_update(policy, optimizer, batch, groups=cfg.length_groups, grad_clip=cfg.grad_clip))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"pretraining loss is {losses[-1]} at step {step}")
+            if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+                log(f"step {step + 1}/{cfg.steps}  loss {sum(losses) / len(losses):.4f}  lr {cfg.lr_at(step):.2e}  "
+                    f"{time.perf_counter() - start:.0f} s")
+                losses = []
+    finally:
+        torch.set_num_threads(threads)
+    policy.model.eval()
+    return policy
+
+
+def grounding_iou50(policy: Policy, samples: list[Sample], max_new_tokens: int) -> float:
+    """Share of grounding `samples` whose greedy answer's box mask has IoU > 0.5 with the true boxes' (pixels)."""
+    answers = greedy_answers(policy, samples, max_new_tokens)
+    overlaps = [mask_overlap(a, s.solution, (s.img_width, s.img_height)) for a, s in zip(answers, samples)]
+    return sum(overlap.iou > 0.5 for overlap in overlaps) / len(overlaps)
+
+
+def rollout_group_outcomes(policy: Policy, samples: list[Sample], *, group_size: int, max_new_tokens: int,
+                           seed: int) -> dict[str, float]:
+    """Shares of prompts whose `group_size` completions sampled at temperature 1 all fail, all succeed, or mix.
+
+    samples: prompts of one task; success is its verifier's `is_success`. Returns {"all_fail", "all_success",
+    "mixed"} (fractions of prompts, summing to 1).
+    """
+    verifier = get_verifier(samples[0].task)
+    prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
+    rollouts = generate(policy, prompts, num_return_sequences=group_size, max_new_tokens=max_new_tokens,
+                        temperature=1.0, seed=seed)
+    successes = [[] for _ in samples]
+    for text, row in zip(rollouts.texts, rollouts.prompt_index):
+        sample = samples[row]
+        components = score(sample.task, text, sample.solution, image_size=(sample.img_width, sample.img_height))
+        successes[row].append(verifier.is_success(components))
+    all_fail = sum(not any(group) for group in successes) / len(samples)
+    all_success = sum(all(group) for group in successes) / len(samples)
+    return {"all_fail": all_fail, "all_success": all_success, "mixed": 1.0 - all_fail - all_success}
+
+
+def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
+    """The base model's scores (fractions in [0, 1] unless named otherwise):
+
+    - `eval/<set>/<metric>` of `visurf_ray.train.evaluate.evaluate` on EVAL_SPLITS (`cfg.eval_size` items each, seed 0)
+      and on `no_object` (posttrain items asking for an absent object);
+    - `eval/grounding/iou50`: share of the eval/grounding items that have objects and only colours seen in
+      pretraining whose greedy box mask has IoU > 0.5 (the competence target);
+    - `eval/no_object/n_acc`: share of `[]` answers on posttrain no-object items (never taught: ~0);
+    - `rollout/{mixed,all_fail,all_success}`: outcome shares of `cfg.rollout_samples` samples at temperature 1 on the
+      first `cfg.rollout_prompts` posttrain grounding prompts (seed 0).
+    """
+    eval_sets = {name: make_split(split, cfg.eval_size, 0) for name, split in EVAL_SPLITS.items()}
+    no_object = (s for s in iter_split("posttrain/grounding", 0) if s.meta["no_object"])
+    eval_sets["no_object"] = list(itertools.islice(no_object, cfg.eval_size))
+    scores = evaluate(policy, eval_sets, cfg.eval_max_new_tokens)
+    seen_objects = [s for s in eval_sets["grounding"] if not s.meta["no_object"] and not s.meta["unseen_attribute"]]
+    scores["eval/grounding/iou50"] = grounding_iou50(policy, seen_objects, cfg.eval_max_new_tokens)
+    outcomes = rollout_group_outcomes(policy, make_split(ROLLOUT_SPLIT, cfg.rollout_prompts, 0),
+                                      group_size=cfg.rollout_samples, max_new_tokens=cfg.eval_max_new_tokens, seed=0)
+    scores.update({f"rollout/{name}": share for name, share in outcomes.items()})
+    return scores
+
+
+def pretrain_base(cfg: PretrainConfig, out_dir: Path, *, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Pretrain the tiny base model with `cfg`, save it to `out_dir` and return its scores (see `evaluate_base`).
+
+    `out_dir` receives the policy (`Policy.save_pretrained`, loadable with `load_policy`) and, last,
+    `pretrain_report.json`: {"config", "recipe_version", "train_seconds", "eval_seconds", "scores"}.
+    """
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    policy = train_base(cfg, log=log)
+    train_seconds = time.perf_counter() - start
+    log(f"pretraining took {train_seconds:.0f} s; evaluating")
+    start = time.perf_counter()
+    scores = evaluate_base(policy, cfg)
+    eval_seconds = time.perf_counter() - start
+    policy.save_pretrained(out_dir)
+    report = {"config": asdict(cfg), "recipe_version": RECIPE_VERSION, "train_seconds": round(train_seconds, 1),
+              "eval_seconds": round(eval_seconds, 1), "scores": scores}
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return scores
+
+
+def default_cache_root() -> Path:
+    """`$VISURF_CACHE`, else `~/.cache/visurf_ray`."""
+    return Path(os.environ.get("VISURF_CACHE") or Path.home() / ".cache" / "visurf_ray")
+
+
+def base_model_dir(cache_dir: Path | None = None, cfg: PretrainConfig = PretrainConfig()) -> Path:
+    """Where the base model of `cfg` lives in the cache: `<cache root>/tiny-base-<cfg.key()>`."""
+    return Path(cache_dir or default_cache_root()) / f"tiny-base-{cfg.key()}"
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_base_model(
+    cache_dir: Path | None = None,
+    cfg: PretrainConfig = PretrainConfig(),
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """The folder of the pretrained base model for `cfg`, pretraining it first when it is not cached (or `force`).
+
+    cache_dir: cache root (default `default_cache_root()`). Concurrent callers (processes or threads) serialise on
+    an exclusive lock file beside the folder, so the model is built once; it is built in a temporary folder and
+    renamed into place, so a killed build never leaves a folder that later loads.
+    """
+    folder = base_model_dir(cache_dir, cfg)
+    if folder.is_dir() and not force:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(folder.parent / f"{folder.name}.lock"):
+        if folder.is_dir() and not force:
+            return folder
+        log(f"pretraining the tiny base model into {folder}")
+        building = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building-"))
+        try:
+            pretrain_base(cfg, building, log=log)
+            if folder.is_dir():
+                stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
+                os.replace(folder, stale)
+                shutil.rmtree(stale)
+            os.replace(building, folder)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return folder

@@ -1,0 +1,202 @@
+"""One optimizer step of any paradigm: rollouts → rewards → reward controls → advantages → loss → optimizer step.
+
+The data flow of ../shared/DESIGN.md. Members of a prompt are ordered as the objectives expect: its G rollouts, then
+its label (where the paradigm uses one). Never imports Ray: the loop that calls this runs in-process or under Ray Train.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from visurf_ray import rewards
+from visurf_ray.data.sample import Sample
+from visurf_ray.models.inputs import (
+    completion_logprobs,
+    completion_logprobs_and_entropy,
+    encode_prompts,
+    encode_sequences,
+)
+from visurf_ray.models.policy import Policy
+from visurf_ray.objectives.paradigms import ObjectiveConfig, Paradigm, stack_members
+from visurf_ray.rewards.controls import eliminate_thinking_reward, label_completion
+from visurf_ray.rollout.base import RolloutBackend, Rollouts, SamplingConfig
+from visurf_ray.train.engine import Engine
+
+
+@dataclass
+class ScoredGroup:
+    """Reward components of one prompt's rollouts and of its label completion."""
+
+    rollout_components: list[dict[str, float]]
+    label_text: str | None
+    label_components: dict[str, float] | None
+
+
+def score_groups(
+    samples: list[Sample], rollouts: Rollouts | None, objective: ObjectiveConfig, needs_label: bool
+) -> list[ScoredGroup]:
+    """Score every rollout with its task's verifier, build each label completion (aligned to its own group's rollouts
+    when `objective.align_label`) and score it (thinking reward eliminated when `objective.eliminate_label_thinking`).
+    """
+    groups = []
+    for index, sample in enumerate(samples):
+        size = (sample.img_width, sample.img_height)
+        texts = [] if rollouts is None else [t for t, p in zip(rollouts.texts, rollouts.prompt_index) if p == index]
+        rollout_components = [rewards.score(sample.task, text, sample.solution, image_size=size) for text in texts]
+        label_text = label_components = None
+        if needs_label:
+            label_text = label_completion(sample.task, sample.solution, texts, align=objective.align_label)
+            label_components = rewards.score(sample.task, label_text, sample.solution, image_size=size)
+            if objective.eliminate_label_thinking:
+                label_components = eliminate_thinking_reward(label_components)
+        groups.append(ScoredGroup(rollout_components, label_text, label_components))
+    return groups
+
+
+def label_token_ids(policy: Policy, texts: list[str]) -> list[list[int]]:
+    """Token ids of label completions, each closed by the end-of-turn token the rollouts end with."""
+    tokenizer = policy.tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in texts]
+
+
+def _mean_of(components: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    if not components:
+        return {}
+    return {f"{prefix}/{key}": sum(c[key] for c in components) / len(components) for key in components[0]}
+
+
+def _loss_weights(lengths: list[int], chunks: list[slice], agg: str) -> list[float]:
+    """Each micro-batch's share of the batch loss, so that Σ weight·chunk loss = the loss of the whole batch: by
+    tokens for "token-mean", by sequences for the per-sequence aggregations. lengths: completion tokens per member."""
+    if agg == "token-mean":
+        return [sum(lengths[c]) / sum(lengths) for c in chunks]
+    return [(c.stop - c.start) / len(lengths) for c in chunks]
+
+
+def train_step(
+    *,
+    policy: Policy,
+    engine: Engine,
+    backend: RolloutBackend,
+    paradigm: Paradigm,
+    objective: ObjectiveConfig,
+    samples: list[Sample],
+    sampling: SamplingConfig,
+    seed: int,
+    micro_batches: int = 1,
+    reference: torch.nn.Module | None = None,
+) -> dict[str, float]:
+    """Run one optimizer step of `paradigm` (already resolved for this step) on `samples`; return its metrics.
+
+    Rollouts are sampled with `seed`; members are split into `micro_batches` prompt-aligned chunks for the
+    forward/backward, each weighted so that the gradient equals that of the whole batch at once.
+    """
+    times = {"time/rollout": 0.0, "time/reward": 0.0, "time/update": 0.0}
+    start = time.perf_counter()
+    prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
+    rollouts = None
+    if paradigm.needs_rollouts:
+        policy.model.eval()
+        rollouts = backend.generate(prompts, objective.num_rollouts, sampling, seed)
+        policy.model.train()
+    times["time/rollout"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    groups = score_groups(samples, rollouts, objective, paradigm.needs_label)
+    rollout_rewards = label_rewards = None
+    if paradigm.needs_rollouts:
+        rollout_rewards = torch.tensor(
+            [[c["overall"] for c in g.rollout_components] for g in groups], dtype=torch.float64
+        )
+    if paradigm.needs_label:
+        label_rewards = torch.tensor([g.label_components["overall"] for g in groups], dtype=torch.float64)
+    advantages = paradigm.advantages(rollout_rewards, label_rewards, objective)
+    member_advantages = stack_members(advantages.rollout, advantages.label).float()
+    is_label = paradigm.member_is_label(len(samples), objective)
+
+    completion_ids: list[list[int]] = []
+    prompt_index: list[int] = []
+    old_logp: list[torch.Tensor | None] = []  # None: scored at the update itself (ratio 1, one update per batch)
+    labels = label_token_ids(policy, [g.label_text for g in groups]) if paradigm.needs_label else []
+    for index in range(len(samples)):
+        if rollouts is not None:
+            for j, owner in enumerate(rollouts.prompt_index):
+                if owner == index:
+                    completion_ids.append(rollouts.completion_ids[j])
+                    prompt_index.append(index)
+                    old_logp.append(None if rollouts.old_logp is None else rollouts.old_logp[j])
+        if paradigm.needs_label:
+            completion_ids.append(labels[index])
+            prompt_index.append(index)
+            old_logp.append(None)
+    times["time/reward"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if not 1 <= micro_batches <= len(samples):
+        raise ValueError(f"micro_batches={micro_batches} must be in [1, {len(samples)}] (the prompts of this step)")
+    per_prompt = len(completion_ids) // len(samples)
+    chunks = [
+        slice(int(c[0]) * per_prompt, (int(c[-1]) + 1) * per_prompt)
+        for c in torch.arange(len(samples)).tensor_split(micro_batches)
+    ]
+    lengths = [len(ids) for ids in completion_ids]
+    weights = _loss_weights(lengths, chunks, objective.agg)
+    device = policy.device
+    loss_metrics: dict[str, float] = {}
+    entropy_sum = tokens = 0.0
+    for chunk, weight in zip(chunks, weights):
+        part = encode_sequences(policy, prompts, completion_ids[chunk], prompt_index[chunk]).to(device)
+        logp, entropy, mask = completion_logprobs_and_entropy(engine.module, part)
+        mask = mask.bool()
+        old = logp.detach().clone()
+        for row, member in enumerate(range(chunk.start, chunk.stop)):
+            if old_logp[member] is not None:
+                old[row, : lengths[member]] = old_logp[member].to(old)
+        ref_logp = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_logp, _ = completion_logprobs(reference, part)
+        loss, metrics = paradigm.loss(
+            logp,
+            old,
+            mask,
+            member_advantages[chunk].to(device),
+            is_label[chunk].to(device),
+            objective,
+            ref_logp=ref_logp,
+        )
+        engine.backward(loss * weight)
+        for key, value in metrics.items():
+            loss_metrics[key] = loss_metrics.get(key, 0.0) + weight * value
+        entropy_sum += float(entropy.detach().sum())
+        tokens += float(mask.sum())
+    grad_norm = engine.step()
+    times["time/update"] = time.perf_counter() - start
+
+    metrics: dict[str, float] = {**times, **loss_metrics, **advantages.metrics}
+    metrics["grad_norm"] = grad_norm
+    metrics["lr"] = engine.lr
+    metrics["entropy"] = entropy_sum / max(tokens, 1.0)
+    metrics["paradigm_stage"] = {"sft": 0.0, "rlvr": 1.0, "visurf": 2.0}.get(paradigm.name, -1.0)
+    if rollouts is not None:
+        every = [c for g in groups for c in g.rollout_components]
+        metrics.update(_mean_of(every, "rollout"))
+        lengths = [len(ids) for ids in rollouts.completion_ids]
+        metrics["response_length"] = sum(lengths) / len(lengths)
+        metrics["generated_tokens"] = float(rollouts.num_tokens())
+        metrics["rollout_tokens_per_s"] = rollouts.num_tokens() / max(times["time/rollout"], 1e-9)
+        success = [
+            [rewards.get_verifier(s.task).is_success(c) for c in g.rollout_components] for s, g in zip(samples, groups)
+        ]
+        metrics["all_fail_fraction"] = sum(not any(row) for row in success) / len(success)
+        metrics["rollout_success_rate"] = sum(map(sum, success)) / sum(map(len, success))
+    if paradigm.needs_label:
+        metrics.update(_mean_of([g.label_components for g in groups], "label"))
+    metrics["update_tokens"] = tokens
+    metrics["update_tokens_per_s"] = tokens / max(times["time/update"], 1e-9)
+    metrics["step_time"] = sum(times.values())
+    return metrics
