@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from visurf_ray.data.benchmark import KINDS, PRETRAIN, iter_split, make_split, target_text, text_corpus
+from visurf_ray.data.benchmark import PRETRAIN, iter_split, make_split, target_text, text_corpus
 from visurf_ray.data.sample import Sample
 from visurf_ray.models import (
     Policy,
@@ -44,8 +44,12 @@ RECIPE_VERSION = 1
 """Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
 
 REPORT_FILE = "pretrain_report.json"
-EVAL_SPLITS = {"grounding": "eval/grounding", "gui_point": "eval/gui_point", "anomaly": "eval/anomaly",
-               "count": "retained/count"}
+EVAL_SPLITS = {
+    "grounding": "eval/grounding",
+    "gui_point": "eval/gui_point",
+    "anomaly": "eval/anomaly",
+    "count": "retained/count",
+}
 """Evaluation set name (scores `eval/<name>/<metric>`) -> benchmark split."""
 ROLLOUT_SPLIT = "posttrain/grounding"
 
@@ -114,8 +118,17 @@ class PretrainConfig:
     threads: int = 2
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "length_groups", "corpus_size", "eval_size", "eval_max_new_tokens",
-                    "rollout_prompts", "rollout_samples", "threads")
+        positive = (
+            "steps",
+            "batch_size",
+            "length_groups",
+            "corpus_size",
+            "eval_size",
+            "eval_max_new_tokens",
+            "rollout_prompts",
+            "rollout_samples",
+            "threads",
+        )
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
@@ -123,16 +136,20 @@ class PretrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"PretrainConfig.{name} must be a non-negative int, got {getattr(self, name)!r}")
         if not self.lr > 0 or not self.grad_clip > 0 or self.weight_decay < 0:
-            raise ValueError(f"PretrainConfig: lr ({self.lr}) and grad_clip ({self.grad_clip}) must be > 0 and "
-                             f"weight_decay ({self.weight_decay}) >= 0")
+            raise ValueError(
+                f"PretrainConfig: lr ({self.lr}) and grad_clip ({self.grad_clip}) must be > 0 and "
+                f"weight_decay ({self.weight_decay}) >= 0"
+            )
         if not 0 <= self.final_lr_ratio <= 1:
             raise ValueError(f"PretrainConfig.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         if self.schedule not in LR_SCHEDULES:
             raise ValueError(f"PretrainConfig.schedule must be one of {sorted(LR_SCHEDULES)}, got {self.schedule!r}")
         unknown = [kind for kind in self.easy_kinds if kind not in PRETRAIN.kinds]
         if unknown or not self.easy_kinds:
-            raise ValueError(f"PretrainConfig.easy_kinds must be non-empty kinds of the pretrain mix "
-                             f"{sorted(PRETRAIN.kinds)}, got unknown {unknown}")
+            raise ValueError(
+                f"PretrainConfig.easy_kinds must be non-empty kinds of the pretrain mix "
+                f"{sorted(PRETRAIN.kinds)}, got unknown {unknown}"
+            )
 
     def key(self) -> str:
         """12 hex digits identifying this recipe (every field and RECIPE_VERSION): the cache folder's suffix."""
@@ -234,8 +251,10 @@ def train_base(cfg: PretrainConfig, *, log: Callable[[str], None] = print, log_e
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"pretraining loss is {losses[-1]} at step {step}")
             if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
-                log(f"step {step + 1}/{cfg.steps}  loss {sum(losses) / len(losses):.4f}  lr {cfg.lr_at(step):.2e}  "
-                    f"{time.perf_counter() - start:.0f} s")
+                log(
+                    f"step {step + 1}/{cfg.steps}  loss {sum(losses) / len(losses):.4f}  lr {cfg.lr_at(step):.2e}  "
+                    f"{time.perf_counter() - start:.0f} s"
+                )
                 losses = []
     finally:
         torch.set_num_threads(threads)
@@ -250,8 +269,9 @@ def grounding_iou50(policy: Policy, samples: list[Sample], max_new_tokens: int) 
     return sum(overlap.iou > 0.5 for overlap in overlaps) / len(overlaps)
 
 
-def rollout_group_outcomes(policy: Policy, samples: list[Sample], *, group_size: int, max_new_tokens: int,
-                           seed: int) -> dict[str, float]:
+def rollout_group_outcomes(
+    policy: Policy, samples: list[Sample], *, group_size: int, max_new_tokens: int, seed: int
+) -> dict[str, float]:
     """Shares of prompts whose `group_size` completions sampled at temperature 1 all fail, all succeed, or mix.
 
     samples: prompts of one task; success is its verifier's `is_success`. Returns {"all_fail", "all_success",
@@ -259,8 +279,9 @@ def rollout_group_outcomes(policy: Policy, samples: list[Sample], *, group_size:
     """
     verifier = get_verifier(samples[0].task)
     prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
-    rollouts = generate(policy, prompts, num_return_sequences=group_size, max_new_tokens=max_new_tokens,
-                        temperature=1.0, seed=seed)
+    rollouts = generate(
+        policy, prompts, num_return_sequences=group_size, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed
+    )
     successes = [[] for _ in samples]
     for text, row in zip(rollouts.texts, rollouts.prompt_index):
         sample = samples[row]
@@ -288,8 +309,13 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
     scores = evaluate(policy, eval_sets, cfg.eval_max_new_tokens)
     seen_objects = [s for s in eval_sets["grounding"] if not s.meta["no_object"] and not s.meta["unseen_attribute"]]
     scores["eval/grounding/iou50"] = grounding_iou50(policy, seen_objects, cfg.eval_max_new_tokens)
-    outcomes = rollout_group_outcomes(policy, make_split(ROLLOUT_SPLIT, cfg.rollout_prompts, 0),
-                                      group_size=cfg.rollout_samples, max_new_tokens=cfg.eval_max_new_tokens, seed=0)
+    outcomes = rollout_group_outcomes(
+        policy,
+        make_split(ROLLOUT_SPLIT, cfg.rollout_prompts, 0),
+        group_size=cfg.rollout_samples,
+        max_new_tokens=cfg.eval_max_new_tokens,
+        seed=0,
+    )
     scores.update({f"rollout/{name}": share for name, share in outcomes.items()})
     return scores
 
@@ -309,8 +335,13 @@ def pretrain_base(cfg: PretrainConfig, out_dir: Path, *, log: Callable[[str], No
     scores = evaluate_base(policy, cfg)
     eval_seconds = time.perf_counter() - start
     policy.save_pretrained(out_dir)
-    report = {"config": asdict(cfg), "recipe_version": RECIPE_VERSION, "train_seconds": round(train_seconds, 1),
-              "eval_seconds": round(eval_seconds, 1), "scores": scores}
+    report = {
+        "config": asdict(cfg),
+        "recipe_version": RECIPE_VERSION,
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "scores": scores,
+    }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return scores
 

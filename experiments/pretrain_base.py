@@ -1,0 +1,81 @@
+"""Pretrain the tiny base model (SFT on the benchmark's "pretrain" mix) and print its scores per task.
+
+Examples:
+    python experiments/pretrain_base.py                   # the cached default model: built once, then reused
+    python experiments/pretrain_base.py --force           # rebuild the cached default model
+    python experiments/pretrain_base.py --steps 300 --out runs/base-300   # another recipe, into a folder
+The cache root is --cache-dir, else $VISURF_CACHE, else ~/.cache/visurf_ray; the folder name holds the recipe's hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from visurf_ray.train.pretrain import REPORT_FILE, PretrainConfig, ensure_base_model, pretrain_base  # noqa: E402
+
+HEADLINES = {
+    "format (think + answer)": ["eval/{set}/mean_thinking_format", "eval/{set}/mean_answer_format"],
+    "score": ["eval/{set}/score"],
+}
+
+
+def print_report(report: dict) -> None:
+    """Print the headline scores of a `pretrain_report.json` per task, then the rollout outcomes and the wall time."""
+    scores = report["scores"]
+    print(f"{'set':<10} {'thinking_format':>15} {'answer_format':>13} {'score':>7}  task metric")
+    for name in ("grounding", "gui_point", "anomaly", "count", "no_object"):
+        extra = {"grounding": "iou50", "no_object": "n_acc"}.get(name)
+        row = [
+            scores.get(f"eval/{name}/{metric}", float("nan"))
+            for metric in ("mean_thinking_format", "mean_answer_format", "score")
+        ]
+        detail = f"  {extra} {scores[f'eval/{name}/{extra}']:.3f}" if extra else ""
+        print(f"{name:<10} {row[0]:>15.3f} {row[1]:>13.3f} {row[2]:>7.3f}{detail}")
+    print(
+        "rollout groups (8 samples, temperature 1, posttrain grounding): "
+        + ", ".join(
+            f"{key.removeprefix('rollout/')} {value:.2f}" for key, value in scores.items() if key.startswith("rollout/")
+        )
+    )
+    print(f"pretraining {report['train_seconds']:.0f} s, evaluation {report['eval_seconds']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = PretrainConfig()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the data stream and the weights")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="items per step")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
+    parser.add_argument("--out", type=Path, help="train into this folder instead of the cache (must not exist)")
+    parser.add_argument("--cache-dir", type=Path, help="cache root (default $VISURF_CACHE or ~/.cache/visurf_ray)")
+    parser.add_argument("--force", action="store_true", help="rebuild the cached model even if present")
+    args = parser.parse_args(argv)
+    try:
+        cfg = replace(
+            defaults, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, threads=args.threads
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    if args.out is not None:
+        if args.out.exists():
+            parser.error(f"--out {args.out} already exists")
+        pretrain_base(cfg, args.out)
+        folder = args.out
+    else:
+        folder = ensure_base_model(args.cache_dir, cfg, force=args.force)
+    report = json.loads((folder / REPORT_FILE).read_text())
+    print(f"base model: {folder}")
+    print_report(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

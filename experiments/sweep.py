@@ -1,0 +1,138 @@
+"""The main job: compare SFT, RLVR, SFT→RLVR, ViSurf and ViSurf's reward-control ablations with a Ray Tune sweep.
+
+    python experiments/sweep.py                                   # the embedded tiny default on this machine
+    python experiments/sweep.py --sweep experiments/configs/sweep_qwen2_5_vl_3b.yaml      # on a Ray cluster
+    python experiments/sweep.py seeds=[0] tune.max_concurrent_trials=1 experiment.steps=10   # overrides
+
+Joins a running Ray cluster when there is one (RAY_ADDRESS or `ray start`), else starts a local one on 127.0.0.1.
+Re-running the same command after an interrupt resumes the sweep (finished trials are kept); `--fresh` starts over.
+Writes Tune's experiment folder under runs/sweeps/<name>/ (`storage_dir`) (TensorBoard event files per trial) and
+results/<name>/: results.{csv,parquet}, history.{csv,parquet}, summary.md, curves.png, tasks.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from visurf_ray.config import ConfigError  # noqa: E402
+from visurf_ray.sweep import load_sweep  # noqa: E402
+
+DEFAULT_SWEEP = Path(__file__).parent / "configs" / "sweep_tiny.yaml"
+
+
+class MemoryWatch:
+    """Peak of the machine's used memory above its level at start (bytes), sampled every 0.5 s: the sweep's own
+    footprint (Ray, trials, workers) on a machine with nothing else running."""
+
+    def __init__(self):
+        import psutil
+
+        self._used = lambda: psutil.virtual_memory().used
+        self.baseline = self._used()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, self._used() - self.baseline)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def connect_ray() -> str:
+    """Join a running cluster if there is one, else start a local one bound to loopback; returns which."""
+    import ray
+
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        return "joined the running Ray cluster"
+    except ConnectionError:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        return "started a local Ray cluster on 127.0.0.1"
+
+
+def collect(sweep, result_grid):
+    """Tidy results and history tables from Tune's ResultGrid."""
+    import pandas as pd
+
+    from analysis.results import tidy_history, tidy_trial
+
+    results, histories = [], []
+    for result in result_grid:
+        if result.metrics is None or not result.config:
+            continue
+        params = result.config
+        trial_id = Path(result.path).name
+        config = sweep.trial_config(params).to_dict()
+        results.append(tidy_trial(trial_id, params["variant"], config, result.metrics))
+        histories.append(tidy_history(trial_id, params["variant"], params["seed"], result.metrics_dataframe))
+    if not results:
+        raise RuntimeError("no trial reported any result; see the trial logs under the Tune experiment folder")
+    return pd.concat(results, ignore_index=True), pd.concat(histories, ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", default=str(DEFAULT_SWEEP), help="sweep YAML")
+    parser.add_argument("--fresh", action="store_true", help="discard an earlier run of this sweep and start over")
+    parser.add_argument("overrides", nargs="*", help="sweep keys (seeds=[0]) or experiment.<key>=value")
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep, args.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+
+    from analysis.results import paper_table, plot_curves, plot_task_bars, write_tables
+    from visurf_ray.config import TINY_BASE_MODEL, load_config
+    from visurf_ray.sweep import build_tuner
+
+    started, memory = time.perf_counter(), MemoryWatch()
+    base = load_config(sweep.experiment, [f"{k}={v}" for k, v in sweep.overrides.items()])
+    if base.model.path == TINY_BASE_MODEL:
+        from visurf_ray.train.pretrain import ensure_base_model
+
+        print(f"tiny base model: {ensure_base_model()}", flush=True)
+    storage = (ROOT / sweep.storage_dir).resolve()
+    if args.fresh and (storage / sweep.name).exists():
+        shutil.rmtree(storage / sweep.name)
+    print(connect_ray(), flush=True)
+    result_grid = build_tuner(sweep, storage, restore=not args.fresh).fit()
+    errors = [r for r in result_grid if r.error is not None]
+
+    results, history = collect(sweep, result_grid)
+    out_dir = (ROOT / sweep.output_dir / sweep.name).resolve()
+    write_tables(results, history, out_dir)
+    table = paper_table(results)
+    (out_dir / "summary.md").write_text(f"# {sweep.name}\n\n```\n{table.to_string()}\n```\n")
+    plot_curves(history, out_dir / "curves.png")
+    plot_task_bars(results, out_dir / "tasks.png")
+    wall, peak = time.perf_counter() - started, memory.stop()
+    print(f"\n{table.to_string()}\n")
+    print(
+        f"{len(results['trial_id'].unique())} trials, {len(errors)} failed; wall {wall / 60:.1f} min, "
+        f"peak memory {peak / 2**30:.2f} GiB above the start"
+    )
+    print(
+        f"results: {out_dir}\nTune experiment (TensorBoard: tensorboard --logdir {storage / sweep.name}): "
+        f"{storage / sweep.name}"
+    )
+    if errors:
+        raise SystemExit(f"{len(errors)} trial(s) failed: {[str(r.error)[:200] for r in errors]}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Tests of the tiny base model's pretraining (visurf_ray/train/pretrain.py): the recipe's pieces, a few-step smoke run
+at a tiny spec, the cache (built once, locked, written atomically) and, behind the slow marker, the default recipe's
+competence targets."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**changes):
+    from visurf_ray.models import TinyVLMSpec
+    from visurf_ray.train.pretrain import PretrainConfig
+
+    spec = TinyVLMSpec(
+        text_hidden=64,
+        text_layers=2,
+        text_heads=2,
+        text_kv_heads=1,
+        text_mlp=128,
+        vision_depth=1,
+        vision_hidden=32,
+        vision_heads=2,
+        vision_mlp=64,
+        vocab_size=400,
+    )
+    settings = dict(
+        steps=4,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        spec=spec,
+        corpus_size=200,
+        eval_size=2,
+        eval_max_new_tokens=8,
+        rollout_prompts=2,
+        rollout_samples=2,
+        threads=1,
+    )
+    return PretrainConfig(**{**settings, **changes})
+
+
+# ---- recipe pieces ----------------------------------------------------------------------------------------------
+
+
+def test_config_rejects_bad_fields_by_name():
+    from visurf_ray.train.pretrain import PretrainConfig
+
+    for field, value in [
+        ("steps", 0),
+        ("batch_size", -1),
+        ("warmup_steps", -1),
+        ("lr", 0.0),
+        ("schedule", "step"),
+        ("final_lr_ratio", 1.5),
+        ("easy_kinds", ("grounding_none",)),
+        ("length_groups", 0),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            PretrainConfig(**{field: value})
+
+
+def test_config_key_is_stable_and_covers_every_field():
+    from visurf_ray.train.pretrain import PretrainConfig
+
+    cfg = PretrainConfig()
+    assert cfg.key() == PretrainConfig().key() and len(cfg.key()) == 12
+    keys = {
+        replace(cfg, seed=1).key(),
+        replace(cfg, lr=cfg.lr * 2).key(),
+        replace(cfg, spec=replace(cfg.spec, text_layers=2)).key(),
+        cfg.key(),
+    }
+    assert len(keys) == 4
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_the_final_ratio():
+    from visurf_ray.train.pretrain import PretrainConfig
+
+    cfg = PretrainConfig(steps=110, lr=1e-3, warmup_steps=10, schedule="cosine", final_lr_ratio=0.1)
+    assert cfg.lr_at(0) == pytest.approx(1e-4, rel=1e-12)
+    assert cfg.lr_at(9) == pytest.approx(1e-3, rel=1e-12)
+    assert cfg.lr_at(10) == pytest.approx(1e-3, rel=1e-12)
+    assert cfg.lr_at(59.5) == pytest.approx(0.55e-3, rel=1e-12)  # half-way through the cosine: (1 + 0.1) / 2
+    assert cfg.lr_at(109) == pytest.approx(1e-4, rel=1e-12)
+    rates = [cfg.lr_at(step) for step in range(10, 110)]
+    assert all(a >= b for a, b in itertools.pairwise(rates))
+    linear = replace(cfg, schedule="linear", final_lr_ratio=0.0)
+    assert linear.lr_at(59.5) == pytest.approx(0.5e-3, rel=1e-12)
+    assert replace(cfg, schedule="constant").lr_at(100) == pytest.approx(1e-3, rel=1e-12)
+
+
+def test_length_groups_partition_items_with_least_padding():
+    from visurf_ray.train.pretrain import length_groups
+
+    lengths = [40, 100, 17, 38, 95, 20, 41, 18]
+    for groups in (1, 2, 3, 8, 12):
+        partition = length_groups(lengths, groups)
+        assert sorted(i for group in partition for i in group) == list(range(len(lengths)))
+        assert len(partition) <= groups
+        cost = sum(len(group) * max(lengths[i] for i in group) for group in partition)
+        # brute force over the cut points of the sorted lengths
+        ordered = sorted(lengths)
+        best = min(
+            sum((end - start) * ordered[end - 1] for start, end in itertools.pairwise((0, *cuts, len(ordered))))
+            for k in range(min(groups, len(lengths)))
+            for cuts in itertools.combinations(range(1, len(ordered)), k)
+        )
+        assert cost == best
+    assert length_groups(lengths, 3) == [[2, 7, 5], [3, 0, 6], [4, 1]]
+
+
+def test_training_batches_are_deterministic_and_start_with_the_easy_kinds():
+    from visurf_ray.train.pretrain import training_batches
+
+    cfg = tiny_config(steps=6, batch_size=8, easy_steps=3, easy_kinds=("grounding_single",))
+    first, second = list(training_batches(cfg)), list(training_batches(cfg))
+    assert [[s.id for s in batch] for batch in first] == [[s.id for s in batch] for batch in second]
+    assert all(len(batch) == 8 for batch in first)
+    assert all(s.meta["kind"] == "grounding_single" for batch in first[:3] for s in batch)
+    later_kinds = {s.meta["kind"] for batch in first[3:] for s in batch}
+    assert len(later_kinds) > 1 and "grounding_none" not in later_kinds
+    ids = [s.id for batch in first for s in batch]
+    assert len(set(ids)) == len(ids)
+
+
+def test_target_ids_end_with_eos_and_decode_to_the_target(small_policy_dir):
+    from visurf_ray.data.benchmark import make_split, target_text
+    from visurf_ray.models import load_policy
+    from visurf_ray.train.pretrain import target_ids
+
+    policy = load_policy(small_policy_dir)
+    sample = make_split("pretrain", 1, 0)[0]
+    ids = target_ids(policy, sample)
+    assert ids[-1] == policy.tokenizer.eos_token_id
+    assert policy.tokenizer.decode(ids[:-1]) == target_text(sample)
+
+
+def test_grouped_update_equals_one_batch_update_and_fits_a_fixed_batch(small_policy_dir):
+    import torch
+
+    from visurf_ray.data.benchmark import make_split
+    from visurf_ray.models import load_policy
+    from visurf_ray.train.pretrain import sft_update
+
+    batch = make_split("pretrain", 8, 0)
+    policies = [load_policy(small_policy_dir) for _ in range(2)]
+    optimizers = [torch.optim.AdamW(p.model.parameters(), lr=3e-3) for p in policies]
+    losses = [sft_update(p, o, batch, groups=g, grad_clip=1.0) for p, o, g in zip(policies, optimizers, (1, 3))]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for one, grouped in zip(policies[0].model.parameters(), policies[1].model.parameters()):
+        torch.testing.assert_close(one, grouped, rtol=1e-5, atol=1e-6)
+    later = [sft_update(policies[1], optimizers[1], batch, groups=3, grad_clip=1.0) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(later))) and later[-1] < 0.8 * losses[1]
+
+
+# ---- smoke run and cache ----------------------------------------------------------------------------------------
+
+
+def test_pretrain_smoke_run_caches_once_under_concurrent_calls(tmp_path):
+    from visurf_ray.models import load_policy
+    from visurf_ray.train.pretrain import REPORT_FILE, base_model_dir, ensure_base_model
+
+    cfg = tiny_config()
+    lines: list[str] = []
+    folders: list[Path] = []
+
+    def call():
+        folders.append(ensure_base_model(tmp_path, cfg, log=lines.append))
+
+    callers = [threading.Thread(target=call) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert folders == [base_model_dir(tmp_path, cfg)] * 2
+    assert sum(line.startswith("pretraining the tiny base model") for line in lines) == 1
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert step_lines and all(float(line.split("loss")[1].split()[0]) > 0 for line in step_lines)
+
+    report = json.loads((folders[0] / REPORT_FILE).read_text())
+    assert report["config"]["steps"] == cfg.steps and report["train_seconds"] > 0
+    scores = report["scores"]
+    for name in ("grounding", "gui_point", "anomaly", "count", "no_object"):
+        assert 0.0 <= scores[f"eval/{name}/score"] <= 1.0
+    assert scores["rollout/mixed"] + scores["rollout/all_fail"] + scores["rollout/all_success"] == pytest.approx(1.0)
+    assert 0.0 <= scores["eval/grounding/iou50"] <= 1.0 and "eval/no_object/n_acc" in scores
+    policy = load_policy(folders[0])
+    assert sum(p.numel() for p in policy.model.parameters()) > 0
+
+    modified = (folders[0] / REPORT_FILE).stat().st_mtime_ns
+    lines.clear()
+    assert ensure_base_model(tmp_path, cfg, log=lines.append) == folders[0]
+    assert lines == [] and (folders[0] / REPORT_FILE).stat().st_mtime_ns == modified
+    assert not [p for p in tmp_path.iterdir() if ".building-" in p.name]
+
+
+def test_training_is_deterministic_for_a_seed():
+    import torch
+
+    from visurf_ray.train.pretrain import train_base
+
+    cfg = tiny_config(steps=3)
+    first, second = (train_base(cfg, log=lambda line: None) for _ in range(2))
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    other = train_base(replace(cfg, seed=1), log=lambda line: None)
+    assert not all(torch.equal(a, b) for a, b in zip(first.model.parameters(), other.model.parameters()))
+
+
+def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path):
+    """A build killed mid-training (SIGKILL) leaves only its temporary folder; the next call builds the model."""
+    from visurf_ray.train.pretrain import REPORT_FILE, base_model_dir, ensure_base_model
+
+    cfg = tiny_config(steps=100_000)
+    script = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from tests.test_pretrain import tiny_config; from visurf_ray.train.pretrain import ensure_base_model;"
+        "ensure_base_model(Path(sys.argv[2]), tiny_config(steps=100_000), log=lambda line: print(line, flush=True))"
+    )
+    builder = subprocess.Popen(
+        [sys.executable, "-c", script, str(ROOT), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert builder.stdout.readline().startswith("pretraining the tiny base model")
+        deadline = time.monotonic() + 60
+        while not [p for p in tmp_path.iterdir() if ".building-" in p.name] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the training loop
+    finally:
+        builder.send_signal(signal.SIGKILL)
+        builder.wait()
+    folder = base_model_dir(tmp_path, cfg)
+    assert not folder.exists() and [p for p in tmp_path.iterdir() if ".building-" in p.name]
+
+    quick = tiny_config(steps=1)
+    built = ensure_base_model(tmp_path, quick, log=lambda line: None)
+    assert (built / REPORT_FILE).is_file() and built == base_model_dir(tmp_path, quick)
+    assert not folder.exists()
+
+
+# ---- the default recipe -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_base_model_has_partial_competence(tmp_path):
+    """The default recipe (~5 min on 2 cores): format right, some boxes right, never `[]` (DESIGN.md targets)."""
+    from visurf_ray.train.pretrain import PretrainConfig, pretrain_base
+
+    scores = pretrain_base(PretrainConfig(), tmp_path / "base")
+    for name in ("grounding", "gui_point", "anomaly", "count"):
+        assert scores[f"eval/{name}/mean_thinking_format"] >= 0.95
+        assert scores[f"eval/{name}/mean_answer_format"] >= 0.95 or name == "count"
+    assert 0.2 <= scores["eval/grounding/iou50"] <= 0.7
+    assert scores["eval/no_object/n_acc"] <= 0.02
+    assert scores["rollout/mixed"] > 0

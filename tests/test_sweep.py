@@ -1,0 +1,201 @@
+"""The sweep: config errors, a 2-trial Tune sweep end to end, restore after an interrupt, cluster.yaml's schema, and
+(slow) the full default sweep."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from visurf_ray.config import ConfigError
+from visurf_ray.sweep import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "experiments" / "sweep.py"
+DEFAULT_SWEEP = ROOT / "experiments" / "configs" / "sweep_tiny.yaml"
+
+
+def small_sweep_args(
+    policy_dir, tmp_path, name, variants="{RLVR: {objective.paradigm: rlvr}, ViSurf: {objective.paradigm: visurf}}"
+):
+    return [
+        f"name={name}",
+        f"variants={variants}",
+        "seeds=[0]",
+        f"experiment.model.path={policy_dir}",
+        "experiment.steps=2",
+        "experiment.eval_every=1",
+        "experiment.checkpoint_every=1",
+        "experiment.data.eval_size=4",
+        "experiment.data.prompts_per_step=2",
+        "experiment.objective.num_rollouts=2",
+        "experiment.rollout.max_new_tokens=8",
+        "experiment.rollout.eval_max_new_tokens=8",
+        "experiment.deepspeed.enabled=false",
+        f"output_dir={tmp_path / 'results'}",
+        f"storage_dir={tmp_path / 'runs'}",
+    ]
+
+
+def test_default_sweep_covers_every_paradigm_and_ablation():
+    sweep = load_sweep(DEFAULT_SWEEP)
+    paradigms = {sweep.trial_config({"variant": v, "seed": 0}).objective.paradigm for v in sweep.variants}
+    assert paradigms == {"sft", "rlvr", "sft_rlvr", "visurf"}
+    visurf = [sweep.trial_config({"variant": v, "seed": 0}).objective for v in sweep.variants]
+    visurf = [o for o in visurf if o.paradigm == "visurf"]
+    assert {(o.align_label, o.eliminate_label_thinking, o.smoothing) for o in visurf} == {
+        (True, True, True),
+        (False, True, True),
+        (True, False, True),
+        (True, True, False),
+    }
+    assert len(sweep.seeds) >= 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("variants={A: {objective.smoothng: true}}", "objective.smoothng"),
+        ("variants={A: {objective.paradigm: ppo}}", "paradigm"),
+        ("grid={optim.lr: []}", r"grid\.optim\.lr"),
+        ("grid={optim.learning_rate: [0.1]}", r"optim\.learning_rate"),
+        ("variants={}", "variants is empty"),
+        ("seeds=[]", "seeds is empty"),
+        ("sample={optim.lr: {gaussian: [0, 1]}}", r"sample\.optim\.lr"),
+        ("tune.scheduler=hyperband", r"tune\.scheduler"),
+        ("trials=3", "unknown sweep key 'trials'"),
+    ],
+)
+def test_sweep_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(DEFAULT_SWEEP, [override])
+
+
+@pytest.mark.ray
+def test_two_trial_sweep_end_to_end(small_policy_dir, tmp_path, monkeypatch):
+    import ray
+    from PIL import Image
+
+    monkeypatch.chdir(ROOT)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import sweep as sweep_cli
+
+    try:
+        out_dir = sweep_cli.main(["--fresh", *small_sweep_args(small_policy_dir, tmp_path, "pytest-sweep")])
+    finally:
+        ray.shutdown()
+        sys.path.remove(str(ROOT / "experiments"))
+    import pandas as pd
+
+    results = pd.read_parquet(out_dir / "results.parquet")
+    assert set(results["variant"]) == {"RLVR", "ViSurf"}
+    assert {"trial_id", "variant", "paradigm", "seed", "eval_set", "metric", "value", "config/optim.lr"} <= set(
+        results.columns
+    )
+    sets = set(results["eval_set"])
+    assert {"eval/grounding", "eval/gui_point", "eval/anomaly", "retained/count", "mean"} <= sets
+    scores = results[results["metric"] == "score"]
+    assert len(scores) == 2 * 5 and scores["value"].between(0, 1).all()
+    history = pd.read_parquet(out_dir / "history.parquet")
+    assert sorted(history["step"].unique()) == [1.0, 2.0]
+    for plot in ("curves.png", "tasks.png"):
+        with Image.open(out_dir / plot) as image:
+            assert image.width > 200 and image.height > 100
+            assert len(set(image.convert("L").getdata())) > 5  # not a blank canvas
+    assert "ViSurf" in (out_dir / "summary.md").read_text()
+    trial_dirs = [p for p in (tmp_path / "runs" / "pytest-sweep").iterdir() if p.is_dir()]
+    assert all(list(p.glob("events.out.tfevents.*")) for p in trial_dirs)  # TensorBoard per trial
+
+
+def _finished_trials(experiment: Path) -> set[str]:
+    return {
+        p.parent.name
+        for p in experiment.glob("*/result.json")
+        if any(
+            json.loads(line).get("done") or json.loads(line).get("step") == 2.0
+            for line in p.read_text().splitlines()
+            if line.strip()
+        )
+    }
+
+
+@pytest.mark.ray
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_policy_dir, tmp_path):
+    name = "pytest-restore"
+    experiment = tmp_path / "runs" / name
+    variants = (
+        "{SFT: {objective.paradigm: sft}, RLVR: {objective.paradigm: rlvr}, ViSurf: {objective.paradigm: visurf}}"
+    )
+    args = [
+        sys.executable,
+        str(SWEEP),
+        *small_sweep_args(small_policy_dir, tmp_path, name, variants),
+        "tune.max_concurrent_trials=1",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [*args[:2], "--fresh", *args[2:]],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not _finished_trials(experiment):
+        time.sleep(0.5)
+    first = _finished_trials(experiment)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+    try:
+        process.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # Ray processes the interrupted driver left behind
+            os.killpg(process.pid, signal.SIGKILL)
+    assert first and len(first) < 3, "the interrupt came too late to leave unfinished trials"
+    stamps = {t: (experiment / t / "result.json").stat().st_mtime_ns for t in first}
+
+    resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert len(_finished_trials(experiment)) == 3
+    assert {t: (experiment / t / "result.json").stat().st_mtime_ns for t in first} == stamps
+    assert "3 trials, 0 failed" in resumed.stdout
+
+
+def test_cluster_yaml_passes_rays_schema():
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(config)
+    assert any(t["node_config"]["InstanceType"].startswith("p") for t in config["available_node_types"].values())
+    assert any("[gpu]" in command for command in config["setup_commands"])
+    broken = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    broken["available_node_types"]["head"]["bogus"] = 1
+    with pytest.raises(Exception, match="bogus"):
+        validate_config(broken)
+
+
+@pytest.mark.slow
+def test_full_default_sweep(monkeypatch):
+    """The README's main job: every paradigm and ablation, two seeds, on the tiny base model."""
+    import ray
+
+    monkeypatch.chdir(ROOT)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import sweep as sweep_cli
+
+    try:
+        out_dir = sweep_cli.main(["--fresh"])
+    finally:
+        ray.shutdown()
+    import pandas as pd
+
+    results = pd.read_parquet(out_dir / "results.parquet")
+    assert results["trial_id"].nunique() == 14

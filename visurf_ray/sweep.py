@@ -1,0 +1,241 @@
+"""Ray Tune sweeps over paradigms, ViSurf's reward controls, seeds and any other config key (the Ray edge).
+
+A sweep file names a base experiment config, the variants to compare (named override sets: SFT, RLVR, SFT→RLVR,
+ViSurf and its reward-control ablations), seeds, extra grid/distribution axes, and Tune settings. Each trial runs the
+per-worker loop: in the trial's own process when `ray.num_workers` is 0 (the tiny CPU default), else as a Ray Train
+`TorchTrainer` (DeepSpeed in each worker) reporting to Tune through `TuneReportCallback` (the Train V2 pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from visurf_ray.config import ConfigError, ExperimentConfig, check_paths, load_config
+from visurf_ray.train.loop import run_training
+
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    metric: str = "eval/mean_score"
+    mode: str = "max"
+    scheduler: str = "none"  # none | asha | median
+    grace_period: int = 1  # ASHA / median stopping: reports before a trial may be stopped
+    max_concurrent_trials: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    wandb_project: str = "visurf_ray"
+
+    def __post_init__(self):
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"tune.mode={self.mode!r} is invalid: expected max or min")
+        if self.scheduler not in ("none", "asha", "median"):
+            raise ConfigError(f"tune.scheduler={self.scheduler!r} is invalid: expected none, asha or median")
+        if self.max_concurrent_trials < 1:
+            raise ConfigError(f"tune.max_concurrent_trials={self.max_concurrent_trials} is invalid: expected >= 1")
+        if self.cpus_per_trial <= 0:
+            raise ConfigError(f"tune.cpus_per_trial={self.cpus_per_trial} is invalid: expected > 0")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep varies. `variants`: name -> overrides (dotted key -> value); `seeds`: grid of `seed`;
+    `grid`: dotted key -> list of values; `sample`: dotted key -> {distribution: args}; `num_samples`: draws of
+    `sample` per grid point."""
+
+    name: str
+    experiment: str  # base experiment YAML (relative paths are relative to the sweep file)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    grid: dict[str, list] = field(default_factory=dict)
+    sample: dict[str, dict[str, list]] = field(default_factory=dict)
+    num_samples: int = 1
+    output_dir: str = "results"  # tables and plots go to <output_dir>/<name>/ (relative to the project root)
+    storage_dir: str = "runs/sweeps"  # Tune's experiment folders (relative to the project root)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+
+    def trial_overrides(self, params: dict[str, Any]) -> list[str]:
+        """`key=value` overrides of one trial's parameters (`variant`, `seed`, and `cfg/<dotted key>` entries)."""
+        overrides = [f"{k}={_yaml_value(v)}" for k, v in self.overrides.items()]
+        overrides += [f"{k}={_yaml_value(v)}" for k, v in self.variants[params["variant"]].items()]
+        overrides.append(f"seed={params['seed']}")
+        overrides += [f"{k.removeprefix('cfg/')}={_yaml_value(v)}" for k, v in params.items() if k.startswith("cfg/")]
+        return overrides
+
+    def trial_config(self, params: dict[str, Any]) -> ExperimentConfig:
+        return load_config(self.experiment, self.trial_overrides(params))
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
+    """Read a sweep YAML; `overrides` are `key=value` for the sweep's own keys (e.g. `tune.max_concurrent_trials=1`,
+    `seeds=[0]`) or, prefixed with `experiment.`, overrides of every trial's config. Validates every key a trial
+    will set against the experiment config, naming an unknown key."""
+    from visurf_ray.config import config_from_dict, merge, parse_override
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] == "experiment" and len(keys) > 1:
+            values = merge(values, ["overrides", ".".join(keys[1:])], value)
+        else:
+            values = merge(values, keys, value)
+    known = {f.name for f in dataclasses.fields(SweepConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown sweep key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    for key in ("name", "experiment"):
+        if key not in values:
+            raise ConfigError(f"sweep file {str(path)!r} has no {key!r}")
+    experiment = Path(values["experiment"])
+    values["experiment"] = str(experiment if experiment.is_absolute() else (path.parent / experiment).resolve())
+    values["tune"] = config_from_dict(values.get("tune", {}), TuneSettings, "tune.")
+    values["seeds"] = tuple(values.get("seeds", (0,)))
+    sweep = SweepConfig(**values)
+    _validate(sweep)
+    return sweep
+
+
+def _validate(sweep: SweepConfig) -> None:
+    if not sweep.variants:
+        raise ConfigError("variants is empty: the sweep has no configuration to run")
+    if not sweep.seeds:
+        raise ConfigError("seeds is empty: the sweep has no trial to run")
+    for key, values in sweep.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key} is empty or not a list: expected at least one value")
+    for key, spec in sweep.sample.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"sample.{key} must be one of {{{', '.join(DISTRIBUTIONS)}: [args]}}, got {spec!r}")
+    for variant, overrides in sweep.variants.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"variants.{variant} must map config keys to values, got {overrides!r}")
+        params = {"variant": variant, "seed": sweep.seeds[0]}
+        params |= {f"cfg/{k}": v[0] for k, v in sweep.grid.items()}
+        params |= {f"cfg/{k}": next(iter(spec.values()))[0] for k, spec in sweep.sample.items()}  # a valid draw
+        try:
+            sweep.trial_config(params)
+        except ConfigError as error:
+            raise ConfigError(f"variant {variant!r}: {error}") from error
+
+
+def param_space(sweep: SweepConfig) -> dict[str, Any]:
+    """Tune's search space: grids over variants, seeds and `grid` keys; distributions for `sample` keys."""
+    from ray import tune
+
+    space: dict[str, Any] = {
+        "variant": tune.grid_search(list(sweep.variants)),
+        "seed": tune.grid_search(list(sweep.seeds)),
+    }
+    for key, values in sweep.grid.items():
+        space[f"cfg/{key}"] = tune.grid_search(values)
+    for key, spec in sweep.sample.items():
+        kind, args = next(iter(spec.items()))
+        space[f"cfg/{key}"] = getattr(tune, kind)(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return space
+
+
+class TuneSession:
+    """The loop's session inside a Tune trial (in-process training): reports and checkpoints through Tune."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self):
+        from ray import tune
+
+        self._restored = tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        checkpoint = None if checkpoint_dir is None else tune.Checkpoint.from_directory(str(checkpoint_dir))
+        tune.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint(self) -> Path | None:
+        if self._restored is None:
+            return None
+        return Path(self._restored.to_directory(tempfile.mkdtemp(prefix="visurf-restore-")))
+
+
+def run_trial(params: dict[str, Any], sweep: SweepConfig) -> None:
+    """Tune's function trainable: one trial = one experiment config."""
+    from ray import tune
+
+    cfg = sweep.trial_config(params)
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    cfg = dataclasses.replace(
+        cfg, name="train", output_dir=str(trial_dir), log_to=tuple(sink for sink in cfg.log_to if sink != "stdout")
+    )
+    check_paths(cfg)
+    if cfg.ray.num_workers == 0:
+        run_training(cfg, TuneSession())
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from visurf_ray.train.launcher import torch_trainer
+
+    result = torch_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    if result.error is not None:
+        raise result.error
+
+
+def build_tuner(sweep: SweepConfig, storage: Path, *, restore: bool):
+    """The Tuner of `sweep`, stored under `storage/<name>`; resumed (finished trials kept) when `restore`."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=sweep),
+        {"CPU": sweep.tune.cpus_per_trial, "GPU": sweep.tune.gpus_per_trial},
+    )
+    experiment_dir = storage / sweep.name
+    if restore and tune.Tuner.can_restore(str(experiment_dir)):
+        return tune.Tuner.restore(str(experiment_dir), trainable, resume_errored=True)
+    scheduler = None
+    if sweep.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.tune.grace_period)
+    elif sweep.tune.scheduler == "median":
+        scheduler = MedianStoppingRule(time_attr="step", grace_period=sweep.tune.grace_period)
+    callbacks = []
+    base = load_config(sweep.experiment, [f"{k}={_yaml_value(v)}" for k, v in sweep.overrides.items()])
+    if "wandb" in base.log_to:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=sweep.tune.wandb_project, group=sweep.name))
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(
+            metric=sweep.tune.metric,
+            mode=sweep.tune.mode,
+            scheduler=scheduler,
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.tune.max_concurrent_trials,
+            trial_dirname_creator=lambda trial: (
+                f"{trial.config['variant']}_seed{trial.config['seed']}_{trial.trial_id}".replace(" ", "_").replace(
+                    "/", "-"
+                )
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str(storage),
+            callbacks=callbacks,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
