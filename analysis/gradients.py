@@ -19,7 +19,7 @@ the label's token-mean negative log-likelihood:
 The closed forms are exact for eps = 0 (`GradientCheckConfig.eps`, the default here); with eps > 0 every std σ
 becomes σ + eps and the residuals show it.
 
-Imports torch, transformers (through visurf_ray.models), pandas, and matplotlib inside the plot functions; never Ray.
+Imports torch, transformers, pandas, and matplotlib inside the plot functions; never Ray.
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ TORCH_ENGINE_STATE = Path("engine.pt")
 class GradientCheckConfig:
     """How groups are sampled and which ViSurf objective is differentiated; validated on construction.
 
-    num_rollouts: G completions per prompt (>= 2). max_new_tokens: rollout length limit in tokens. temperature:
-    sampling temperature (> 0). seed: the sampling seed, the same at every checkpoint. unbiased_std, smoothing, eps,
-    align_label, eliminate_label_thinking: as in `ObjectiveConfig` (eps defaults to 0 here: the closed forms are
-    exact then).
+    num_rollouts: G completions per prompt (>= 2). max_new_tokens: rollout length limit in tokens (48: a tiny-model
+    answer with its reasoning is ~34 tokens). temperature: sampling temperature (> 0). seed: the sampling seed, the
+    same at every checkpoint. unbiased_std, smoothing, eps, align_label, eliminate_label_thinking: as in
+    `ObjectiveConfig` (eps defaults to 0 here: the closed forms are exact then).
     """
 
     num_rollouts: int = 4
-    max_new_tokens: int = 32
+    max_new_tokens: int = 48
     temperature: float = 1.0
     seed: int = 0
     unbiased_std: bool = True
@@ -86,10 +86,10 @@ class GradientCheckConfig:
     eliminate_label_thinking: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "seed"):
+        for name, least in (("max_new_tokens", 1), ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "max_new_tokens" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'max_new_tokens' else 0}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if isinstance(self.temperature, bool) or not (
             isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature > 0
         ):
@@ -234,8 +234,8 @@ class GroupGradients:
 
     sft: ∇ of the SFT loss on the label; rlvr: ∇ of GRPO on the G rollouts; visurf: ∇ of ViSurf on all G+1 members;
     rollout_part / label_part: ∇ of ViSurf's loss with the label's / the rollouts' advantages set to 0.
-    rollout_rewards [G], label_reward: the rewards differentiated (reward units); grpo_advantages [G]: RLVR's;
-    rollout_advantages [G], label_advantage: ViSurf's (after smoothing); smoothing_fired: whether smoothing acted.
+    rollout_rewards [G], label_reward: the rewards differentiated (reward units); label_advantage: ViSurf's Â_y
+    (after smoothing); smoothing_fired: whether smoothing acted.
     """
 
     sft: Tensor
@@ -245,8 +245,6 @@ class GroupGradients:
     label_part: Tensor
     rollout_rewards: Tensor
     label_reward: float
-    grpo_advantages: Tensor
-    rollout_advantages: Tensor
     label_advantage: float
     smoothing_fired: bool
 
@@ -275,9 +273,10 @@ def paradigm_gradients(
     label_reward: the label's reward before smoothing; objective: a ViSurf objective with agg "seq-mean-token-mean",
     num_rollouts G and kl_coef 0. Every loss uses old_logp = logp.detach() (ratio 1).
     """
-    if objective.agg != AGGREGATION or objective.kl_coef != 0:
+    if objective.agg != AGGREGATION or objective.kl_coef != 0 or objective.num_rollouts < 2:
         raise ValueError(
-            f"objective must use agg={AGGREGATION!r} and kl_coef=0, got {objective.agg!r}, {objective.kl_coef}"
+            f"objective must use agg={AGGREGATION!r}, kl_coef=0 and num_rollouts >= 2, got {objective.agg!r}, "
+            f"{objective.kl_coef}, {objective.num_rollouts}"
         )
     group_size = objective.num_rollouts
     if not isinstance(rollout_rewards, Tensor) or rollout_rewards.shape != (group_size,):
@@ -321,8 +320,6 @@ def paradigm_gradients(
         **grads,
         rollout_rewards=rollout_r[0],
         label_reward=float(label_reward),
-        grpo_advantages=grpo.detach(),
-        rollout_advantages=rollout_adv.detach(),
         label_advantage=float(label_adv[0]),
         smoothing_fired=fired,
     )
@@ -335,8 +332,10 @@ def _relative_residual(actual: Tensor, expected: Tensor) -> float:
 
 
 def _norm_ratio(vector: Tensor, scale: Tensor) -> float:
-    """‖vector‖ / ‖scale‖ (a vector that should be 0, measured against a gradient of the group)."""
-    return vector.norm().item() / scale.norm().item()
+    """‖vector‖ / ‖scale‖ (a vector that should be 0, measured against a gradient of the group); ‖vector‖ itself
+    when ‖scale‖ is 0."""
+    scale_norm = scale.norm().item()
+    return vector.norm().item() / scale_norm if scale_norm else vector.norm().item()
 
 
 def all_fail_label_advantage(num_rollouts: int, *, unbiased_std: bool) -> float:
@@ -550,32 +549,55 @@ def outcome_summary(table: pd.DataFrame) -> pd.DataFrame:
     return grouped[columns].mean().join(grouped.size().rename("groups")).reset_index()
 
 
-def _outcome_lines(table: pd.DataFrame, column: str, ax) -> None:
-    for outcome in OUTCOMES:
-        part = table[table["outcome"] == outcome].groupby("step")[column].mean().dropna()
-        if len(part):
-            ax.plot(part.index, part.values, marker="o", label=outcome)
+def _outcome_lines(table: pd.DataFrame, column: str, ax, *, all_groups: bool = False) -> None:
+    """Mean of `column` per step for each outcome (and over all groups); NaN values (undefined cosines) are skipped."""
+    from matplotlib.ticker import MaxNLocator
+
+    lines = {outcome: table[table["outcome"] == outcome] for outcome in OUTCOMES}
+    if all_groups:
+        lines["all groups"] = table
+    plotted = False
+    for name, part in lines.items():
+        means = part.groupby("step")[column].mean().dropna()
+        if len(means):
+            style = {"color": "black", "linestyle": "--"} if name == "all groups" else {}
+            ax.plot(means.index, means.values, marker="o", label=name, **style)
+            plotted = True
+    if plotted:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "undefined in every group", transform=ax.transAxes, ha="center")
     ax.set_xlabel("optimizer step")
-    ax.legend()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_label_share(table: pd.DataFrame):
-    """Figure: mean label share (left) and label advantage Â_y (right) per outcome over the checkpoints' steps."""
+    """Figure over the checkpoints' steps: the share of groups in each outcome, the label share (mean per outcome and
+    over all groups), and the label advantage Â_y per outcome."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (share, advantage) = plt.subplots(1, 2, figsize=(10, 3.5))
-    _outcome_lines(table, "label_share", share)
-    share.set_ylabel("‖label part‖ / (‖label‖ + ‖rollout‖)")
-    share.set_title("SFT term's share of the ViSurf gradient")
+    fig, (outcomes, share, advantage) = plt.subplots(1, 3, figsize=(14, 3.6))
+    fractions = table.groupby("step")["outcome"].value_counts(normalize=True).unstack(fill_value=0.0)
+    for outcome in OUTCOMES:
+        if outcome in fractions:
+            outcomes.plot(fractions.index, fractions[outcome], marker="o", label=outcome)
+    outcomes.set(xlabel="optimizer step", ylabel="share of groups", title="group outcomes", ylim=(-0.05, 1.05))
+    outcomes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    outcomes.legend()
+    _outcome_lines(table, "label_share", share, all_groups=True)
+    share.set(
+        ylabel="‖label‖ / (‖label‖ + ‖rollout‖)", title="SFT term's share of the ViSurf gradient", ylim=(-0.05, 1.05)
+    )
     _outcome_lines(table, "label_advantage", advantage)
-    advantage.set_ylabel("Â_y")
-    advantage.set_title("label advantage")
+    advantage.set(ylabel="Â_y", title="label advantage")
     fig.tight_layout()
     return fig
 
 
 def plot_cosines(table: pd.DataFrame):
-    """Figure: mean cos(SFT, RLVR), cos(SFT, ViSurf) and cos(RLVR, ViSurf) per outcome over the checkpoints' steps."""
+    """Figure: mean cos(SFT, RLVR), cos(SFT, ViSurf) and cos(RLVR, ViSurf) per outcome over the checkpoints' steps
+    (a cosine with a zero gradient, e.g. RLVR's in a tied group, is undefined and skipped)."""
     import matplotlib.pyplot as plt
 
     pairs = {
@@ -583,25 +605,28 @@ def plot_cosines(table: pd.DataFrame):
         "cos_sft_visurf": "cos(SFT, ViSurf)",
         "cos_rlvr_visurf": "cos(RLVR, ViSurf)",
     }
-    fig, axes = plt.subplots(1, len(pairs), figsize=(13, 3.5), sharey=True)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(14, 3.6), sharey=True)
     for ax, (column, title) in zip(axes, pairs.items()):
         _outcome_lines(table, column, ax)
-        ax.set_title(title)
+        ax.set(title=title, ylim=(-1.05, 1.05))
     axes[0].set_ylabel("cosine")
     fig.tight_layout()
     return fig
 
 
 def plot_residuals(table: pd.DataFrame):
-    """Figure: the largest residual of each check (log scale) against TOLERANCE; checks that applied to no group are
-    left out of the bars and named in the title."""
+    """Figure: the largest residual of each check (log scale) against TOLERANCE; an exact 0 is drawn at 1e-18 and
+    labelled, and checks that applied to no group are named in the title."""
     import matplotlib.pyplot as plt
 
     summary = residual_summary(table)
     applied = summary[summary["groups"] > 0]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    # log scale: an exact 0 is drawn at 1e-18
-    ax.bar(applied.index, applied["max_residual"].clip(lower=1e-18))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    floor = 1e-18
+    bars = ax.bar(applied.index, applied["max_residual"].clip(lower=floor))
+    for bar, value in zip(bars, applied["max_residual"]):
+        if value == 0:
+            ax.text(bar.get_x() + bar.get_width() / 2, floor * 3, "exactly 0", ha="center", va="bottom")
     ax.axhline(TOLERANCE, color="red", linestyle="--", label=f"tolerance {TOLERANCE:g}")
     ax.set_yscale("log")
     ax.set_ylabel("max relative residual")

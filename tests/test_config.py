@@ -8,7 +8,9 @@ import pytest
 
 from visurf_ray.config import ConfigError, ExperimentConfig, check_paths, config_from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("sweep_"))
+SWEEPS = sorted(CONFIG_DIR.glob("sweep_*.yaml"))
 
 
 def test_defaults_round_trip_through_a_plain_dict():
@@ -75,3 +77,10 @@ def test_missing_config_file_is_named(tmp_path):
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.steps >= 1
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_shipped_sweeps_validate(path):
+    from visurf_ray.sweep import load_sweep
+
+    assert load_sweep(path).variants

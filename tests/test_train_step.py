@@ -28,7 +28,7 @@ class ScriptedBackend:
         self.texts_for_prompt = texts_for_prompt
         self.calls = 0
 
-    def generate(self, prompt_batch, n, sampling, seed):
+    def generate(self, prompt_batch, n, sampling, seed, *, images, questions):
         self.calls += 1
         tokenizer = self.policy.tokenizer
         ids, index, texts = [], [], []

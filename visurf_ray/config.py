@@ -61,6 +61,7 @@ class RolloutConfig:
     max_new_tokens: int = 48
     eval_max_new_tokens: int = 48
     vllm_gpu_memory_utilization: float = 0.4
+    vllm_max_model_len: int = 0  # prompt + completion tokens per sequence; 0: the model's maximum
 
     def __post_init__(self):
         _check(self.backend in ("hf", "vllm"), "rollout.backend", self.backend, "hf or vllm")
@@ -68,6 +69,13 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, ">= 1")
         _check(self.eval_max_new_tokens >= 1, "rollout.eval_max_new_tokens", self.eval_max_new_tokens, ">= 1")
+        _check(
+            0 < self.vllm_gpu_memory_utilization < 1,
+            "rollout.vllm_gpu_memory_utilization",
+            self.vllm_gpu_memory_utilization,
+            "in (0, 1)",
+        )
+        _check(self.vllm_max_model_len >= 0, "rollout.vllm_max_model_len", self.vllm_max_model_len, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ class ExperimentConfig:
     eval_every: int = 10  # 0 disables periodic evaluation (a final one still runs)
     checkpoint_every: int = 10  # 0 disables checkpoints
     output_dir: str = "runs"
-    log_to: tuple[str, ...] = ("stdout",)  # any of stdout, tensorboard, wandb
+    log_to: tuple[str, ...] = ("stdout", "tensorboard")  # any of stdout, tensorboard, wandb
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

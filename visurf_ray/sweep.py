@@ -178,9 +178,8 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig) -> None:
 
     cfg = sweep.trial_config(params)
     trial_dir = Path(tune.get_context().get_trial_dir())
-    cfg = dataclasses.replace(
-        cfg, name="train", output_dir=str(trial_dir), log_to=tuple(sink for sink in cfg.log_to if sink != "stdout")
-    )
+    # Tune shows progress and writes TensorBoard/wandb for every trial (see build_tuner), not the loop itself.
+    cfg = dataclasses.replace(cfg, name="train", output_dir=str(trial_dir), log_to=())
     check_paths(cfg)
     if cfg.ray.num_workers == 0:
         run_training(cfg, TuneSession())

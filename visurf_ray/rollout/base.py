@@ -55,7 +55,12 @@ class Rollouts:
 class RolloutBackend(Protocol):
     """Samples `n` completions for each prompt of a batch with the current policy weights."""
 
-    def generate(self, prompt_batch, n: int, sampling: SamplingConfig, seed: int) -> Rollouts: ...
+    def generate(
+        self, prompt_batch, n: int, sampling: SamplingConfig, seed: int, *, images: list, questions: list[str]
+    ) -> Rollouts:
+        """n completions per prompt of `prompt_batch` [B, P]; `images` (B PIL images) and `questions` (B texts) are
+        the same prompts unencoded, for engines that run their own processor (vLLM)."""
+        ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the next `generate` use `model`'s current weights (a no-op when the backend shares the module)."""

@@ -17,8 +17,18 @@ class HFRolloutBackend:
     def __init__(self, policy: Policy):
         self.policy = policy
 
-    def generate(self, prompt_batch: PromptBatch, n: int, sampling: SamplingConfig, seed: int) -> Rollouts:
-        """n completions per prompt of `prompt_batch` [B, P]; old_logp is None (on-policy, see `Rollouts`)."""
+    def generate(
+        self,
+        prompt_batch: PromptBatch,
+        n: int,
+        sampling: SamplingConfig,
+        seed: int,
+        *,
+        images: list,
+        questions: list[str],
+    ) -> Rollouts:
+        """n completions per prompt of `prompt_batch` [B, P] (already encoded: `images`/`questions` are not needed);
+        old_logp is None (on-policy, see `Rollouts`)."""
         completions = generate(
             self.policy,
             prompt_batch,

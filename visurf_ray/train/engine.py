@@ -21,7 +21,8 @@ from visurf_ray.config import DeepSpeedConfig, OptimConfig
 
 
 def ensure_process_group() -> None:
-    """Create a single-rank gloo group on 127.0.0.1 when no torch.distributed group exists (in-process runs)."""
+    """Create a single-rank group on 127.0.0.1 (nccl with CUDA, else gloo) when no torch.distributed group exists
+    (in-process runs)."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     if dist.is_initialized():
@@ -29,7 +30,8 @@ def ensure_process_group() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def use_bf16(ds: DeepSpeedConfig) -> bool:

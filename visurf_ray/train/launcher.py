@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from visurf_ray.config import ExperimentConfig, check_paths, config_from_dict
 from visurf_ray.train.loop import LocalSession, run_training
 
@@ -19,6 +21,10 @@ class RaySession:
         import ray.train
 
         context = ray.train.get_context()
+        if torch.cuda.is_available():  # one GPU per worker: make it the default device before the policy loads
+            import ray.train.torch
+
+            torch.cuda.set_device(ray.train.torch.get_device())
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self._restored = ray.train.get_checkpoint()

@@ -31,6 +31,7 @@ from visurf_ray.train.engine import Engine, build_engine
 from visurf_ray.train.evaluate import evaluate
 from visurf_ray.train.models import load_reference, resolve_policy
 from visurf_ray.train.rollout import make_backend
+from visurf_ray.train.sinks import MetricSinks
 from visurf_ray.train.step import train_step
 
 TRAINER_STATE = "trainer_state.json"
@@ -126,22 +127,26 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(folder: Path, engine: Engine, step: int, rank: int, cfg: ExperimentConfig) -> None:
-    """Engine state (weights, optimizer, LR schedule), the data position (`step`: batches are a function of it) and
-    this rank's RNG state."""
+def save_checkpoint(
+    folder: Path, engine: Engine, step: int, totals: dict[str, float], rank: int, cfg: ExperimentConfig
+) -> None:
+    """Engine state (weights, optimizer, LR schedule), the data position (`step`: batches are a function of it), the
+    run's running totals and this rank's RNG state."""
     engine.save(folder)
     torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
     if rank == 0:
-        (folder / TRAINER_STATE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}))
+        state = {"step": step, "totals": totals, "config": cfg.to_dict()}
+        (folder / TRAINER_STATE).write_text(json.dumps(state))
 
 
-def load_checkpoint(folder: Path, engine: Engine, rank: int) -> int:
-    """Restore a checkpoint written by `save_checkpoint`; returns the number of steps already done."""
+def load_checkpoint(folder: Path, engine: Engine, rank: int) -> tuple[int, dict[str, float]]:
+    """Restore a checkpoint written by `save_checkpoint`; returns (steps already done, running totals)."""
     engine.load(folder)
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return int(json.loads((folder / TRAINER_STATE).read_text())["step"])
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    return int(state["step"]), state["totals"]
 
 
 def _progress(step: int, total: int, metrics: dict[str, float], started: float) -> None:
@@ -184,12 +189,14 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
 
     start = 0
+    totals = {"generated_tokens_total": 0.0, "train_time_total": 0.0}  # the budget, comparable across paradigms
     resume_from = session.latest_checkpoint()
     if resume_from is not None:
-        start = load_checkpoint(resume_from, engine, rank)
+        start, totals = load_checkpoint(resume_from, engine, rank)
         backend.sync_weights(engine.module)
     started = time.perf_counter()
     metrics: dict[str, float] = {}
+    sinks = MetricSinks(cfg, Path(cfg.output_dir).resolve() / cfg.name) if rank == 0 else None
     for step in range(start, cfg.steps):
         samples = batch_for_step(dataset, step, cfg.data.prompts_per_step, rank, world, cfg.seed)
         stage = paradigm.for_step(step, cfg.steps, cfg.objective)
@@ -210,13 +217,20 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
         done = step + 1
         metrics["step"] = float(done)
         metrics["prompts_seen"] = float(done * cfg.data.prompts_per_step)
+        totals["generated_tokens_total"] += metrics.get("generated_tokens", 0.0) * world
+        totals["train_time_total"] += metrics["step_time"]
+        metrics.update(totals)
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
             metrics.update(evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world))
         checkpoint_dir = None
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             checkpoint_dir = Path(scratch_dir() if scratch_dir else tempfile.mkdtemp(prefix="visurf-ckpt-"))
-            save_checkpoint(checkpoint_dir, engine, done, rank, cfg)
-        if rank == 0 and "stdout" in cfg.log_to:
-            _progress(done, cfg.steps, metrics, started)
+            save_checkpoint(checkpoint_dir, engine, done, totals, rank, cfg)
+        if rank == 0:
+            sinks.log(metrics, done)
+            if "stdout" in cfg.log_to:
+                _progress(done, cfg.steps, metrics, started)
         session.report(metrics, checkpoint_dir)
+    if sinks is not None:
+        sinks.close()
     return metrics

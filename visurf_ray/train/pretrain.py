@@ -297,8 +297,8 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
 
     - `eval/<set>/<metric>` of `visurf_ray.train.evaluate.evaluate` on EVAL_SPLITS (`cfg.eval_size` items each, seed 0)
       and on `no_object` (posttrain items asking for an absent object);
-    - `eval/grounding/iou50`: share of the eval/grounding items that have objects and only colours seen in
-      pretraining whose greedy box mask has IoU > 0.5 (the competence target);
+    - `eval/grounding/iou50`: share of the first `cfg.eval_size` eval/grounding items with objects and only colours
+      seen in pretraining whose greedy box mask has IoU > 0.5 (the competence target);
     - `eval/no_object/n_acc`: share of `[]` answers on posttrain no-object items (never taught: ~0);
     - `rollout/{mixed,all_fail,all_success}`: outcome shares of `cfg.rollout_samples` samples at temperature 1 on the
       first `cfg.rollout_prompts` posttrain grounding prompts (seed 0).
@@ -307,8 +307,12 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
     no_object = (s for s in iter_split("posttrain/grounding", 0) if s.meta["no_object"])
     eval_sets["no_object"] = list(itertools.islice(no_object, cfg.eval_size))
     scores = evaluate(policy, eval_sets, cfg.eval_max_new_tokens)
-    seen_objects = [s for s in eval_sets["grounding"] if not s.meta["no_object"] and not s.meta["unseen_attribute"]]
-    scores["eval/grounding/iou50"] = grounding_iou50(policy, seen_objects, cfg.eval_max_new_tokens)
+    seen_objects = (
+        s for s in iter_split("eval/grounding", 0) if not s.meta["no_object"] and not s.meta["unseen_attribute"]
+    )
+    scores["eval/grounding/iou50"] = grounding_iou50(
+        policy, list(itertools.islice(seen_objects, cfg.eval_size)), cfg.eval_max_new_tokens
+    )
     outcomes = rollout_group_outcomes(
         policy,
         make_split(ROLLOUT_SPLIT, cfg.rollout_prompts, 0),

@@ -14,4 +14,9 @@ def make_backend(rollout: RolloutConfig, policy: Policy) -> RolloutBackend:
         return HFRolloutBackend(policy)
     from visurf_ray.rollout.vllm import VLLMRolloutBackend
 
-    return VLLMRolloutBackend(policy, gpu_memory_utilization=rollout.vllm_gpu_memory_utilization)
+    return VLLMRolloutBackend(
+        policy,
+        model_path=policy.model.config.name_or_path,  # the folder load_policy read
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        max_model_len=rollout.vllm_max_model_len or None,
+    )

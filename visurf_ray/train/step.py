@@ -101,7 +101,14 @@ def train_step(
     rollouts = None
     if paradigm.needs_rollouts:
         policy.model.eval()
-        rollouts = backend.generate(prompts, objective.num_rollouts, sampling, seed)
+        rollouts = backend.generate(
+            prompts,
+            objective.num_rollouts,
+            sampling,
+            seed,
+            images=[s.image for s in samples],
+            questions=[s.problem for s in samples],
+        )
         policy.model.train()
     times["time/rollout"] = time.perf_counter() - start
 

@@ -1,0 +1,253 @@
+"""Step time and memory of RLVR against ViSurf at the same G, batch and seed, side by side in one run.
+
+    python benchmarks/step_time.py [--model PATH] [--warmup 1] [--pairs 5] [--threads 2] [key=value ...]
+
+Each paradigm trains in its own worker process (so that each has its own peak memory), both from the same weights,
+through the trainer's own `build_engine` and `train_step` with the config of experiments/configs/tiny_cpu.yaml (plus
+`key=value` overrides). The parent runs the two alternately, one step at a time, in interleaved pairs whose order
+flips every pair: the machines drift by ±10–15%, so the verdict is the median of the per-pair ratios. Default model: a
+randomly initialised tiny Qwen2.5-VL (TinyVLMSpec defaults), whose completions run to rollout.max_new_tokens; the
+table says which model it used. Memory: peak RSS of each worker process on CPU (weights, optimizer state and the
+step's transient tensors), peak allocated CUDA memory on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from visurf_ray.config import ExperimentConfig, load_config  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "experiments" / "configs" / "tiny_cpu.yaml"
+PARADIGMS = ("rlvr", "visurf")
+TARGET_RATIO = 1.05  # issue #4: ViSurf's step time at most 1.05x RLVR's
+TIMES = ("step_time", "time/rollout", "time/reward", "time/update")
+
+
+class StepRunner:
+    """One paradigm's trainer in this process: the policy loaded from `cfg.model`, its engine, rollout backend and
+    training prompts, set up as `visurf_ray.train.loop.run_training` sets them up (without evaluation or
+    checkpoints). `step(i)` runs optimizer step i on the loop's batch for step i (rank 0 of 1)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        import torch
+
+        from visurf_ray.objectives.paradigms import get_paradigm
+        from visurf_ray.rollout.base import SamplingConfig
+        from visurf_ray.train.data import train_dataset
+        from visurf_ray.train.engine import build_engine
+        from visurf_ray.train.models import resolve_policy
+        from visurf_ray.train.rollout import make_backend
+
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.paradigm = get_paradigm(cfg.objective.paradigm)
+        self.policy = resolve_policy(cfg.model)
+        self.dataset = train_dataset(cfg)
+        members = cfg.data.prompts_per_step * (cfg.objective.num_rollouts + 1)
+        self.engine = build_engine(
+            self.policy.model,
+            cfg.optim,
+            cfg.deepspeed,
+            total_steps=cfg.steps,
+            micro_batch=max(1, members // cfg.optim.micro_batches),
+        )
+        self.policy.model = self.engine.module
+        self.backend = make_backend(cfg.rollout, self.policy)
+        self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.policy.model.parameters())
+
+    def step(self, step: int) -> dict[str, float]:
+        """Metrics of `train_step` plus `update_sequence_tokens`: prompt + completion tokens (no padding) of every
+        member of the update, the tokens its forward and backward pass cover."""
+        from visurf_ray.models.inputs import encode_prompts
+        from visurf_ray.train.loop import batch_for_step, step_seed
+        from visurf_ray.train.step import train_step
+
+        cfg = self.cfg
+        samples = batch_for_step(self.dataset, step, cfg.data.prompts_per_step, 0, 1, cfg.seed)
+        metrics = train_step(
+            policy=self.policy,
+            engine=self.engine,
+            backend=self.backend,
+            paradigm=self.paradigm.for_step(step, cfg.steps, cfg.objective),
+            objective=cfg.objective,
+            samples=samples,
+            sampling=self.sampling,
+            seed=step_seed(cfg.seed, step, 0),
+            micro_batches=cfg.optim.micro_batches,
+        )
+        self.backend.sync_weights(self.engine.module)
+        prompts = encode_prompts(self.policy, [s.image for s in samples], [s.problem for s in samples])
+        members = cfg.objective.num_rollouts * self.paradigm.needs_rollouts + self.paradigm.needs_label
+        metrics["update_sequence_tokens"] = members * float(prompts.attention_mask.sum()) + metrics["update_tokens"]
+        return metrics
+
+    def peak_memory_mib(self) -> float:
+        """Peak allocated CUDA memory of the policy's device, else this process's peak RSS (MiB)."""
+        import torch
+
+        device = self.policy.device
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _worker(cfg_dict: dict, threads: int, conn) -> None:
+    """A paradigm's worker: builds its StepRunner, then answers each step number with (metrics, peak MiB)."""
+    import torch
+
+    from visurf_ray.config import config_from_dict
+
+    torch.set_num_threads(threads)
+    runner = StepRunner(config_from_dict(cfg_dict))
+    conn.send({"parameters": runner.num_parameters, "setup_mib": runner.peak_memory_mib()})
+    while (step := conn.recv()) is not None:
+        metrics = runner.step(step)
+        conn.send({"metrics": metrics, "peak_mib": runner.peak_memory_mib()})
+
+
+def random_tiny_model(folder: Path, seed: int) -> Path:
+    """Save a randomly initialised tiny Qwen2.5-VL (TinyVLMSpec defaults) into `folder`."""
+    from visurf_ray.data.benchmark import text_corpus
+    from visurf_ray.models.tiny import TinyVLMSpec, build_tiny_vlm
+
+    build_tiny_vlm(text_corpus(seed=seed), TinyVLMSpec(), seed=seed, out_dir=folder)
+    return folder
+
+
+def summarise(runs: dict[str, list[dict]], setup: dict[str, dict]) -> dict:
+    """Medians per paradigm over the measured steps, and the ViSurf/RLVR ratios (of medians, and per-pair median)."""
+    summary: dict = {}
+    for name, steps in runs.items():
+        median = {key: statistics.median(s["metrics"][key] for s in steps) for key in steps[0]["metrics"]}
+        times = [s["metrics"]["step_time"] for s in steps]
+        summary[name] = {
+            **{key: median[key] for key in (*TIMES, "generated_tokens", "update_tokens", "update_sequence_tokens")},
+            "step_time_min": min(times),
+            "step_time_max": max(times),
+            "peak_mib": max(s["peak_mib"] for s in steps),
+            "setup_mib": setup[name]["setup_mib"],
+        }
+    pair_ratios = [v["metrics"]["step_time"] / r["metrics"]["step_time"] for r, v in zip(runs["rlvr"], runs["visurf"])]
+    summary["pair_ratio_median"] = statistics.median(pair_ratios)
+    summary["pair_ratios"] = pair_ratios
+    return summary
+
+
+def print_table(summary: dict, memory_label: str) -> None:
+    rows = [
+        ("step time, median (s)", "step_time", "{:.3f}"),
+        ("  rollout (s)", "time/rollout", "{:.3f}"),
+        ("  reward + advantages (s)", "time/reward", "{:.4f}"),
+        ("  update: fwd+bwd+step (s)", "time/update", "{:.3f}"),
+        ("step time, min (s)", "step_time_min", "{:.3f}"),
+        ("step time, max (s)", "step_time_max", "{:.3f}"),
+        ("generated tokens / step", "generated_tokens", "{:.0f}"),
+        ("update completion tokens / step", "update_tokens", "{:.0f}"),
+        ("update tokens incl. prompts / step", "update_sequence_tokens", "{:.0f}"),
+        (f"{memory_label} by end of set-up (MiB)", "setup_mib", "{:.0f}"),
+        (f"{memory_label} by end of run (MiB)", "peak_mib", "{:.0f}"),
+    ]
+    rlvr, visurf = summary["rlvr"], summary["visurf"]
+    print(f"{'':36s} {'RLVR':>10s} {'ViSurf':>10s} {'ViSurf/RLVR':>12s}")
+    for label, key, fmt in rows:
+        ratio = visurf[key] / rlvr[key] if rlvr[key] else float("nan")
+        print(f"{label:36s} {fmt.format(rlvr[key]):>10s} {fmt.format(visurf[key]):>10s} {ratio:>12.3f}")
+    verdict = "met" if summary["pair_ratio_median"] <= TARGET_RATIO else "NOT met"
+    ratios = ", ".join(f"{r:.3f}" for r in summary["pair_ratios"])
+    print(f"median of per-pair step-time ratios ViSurf/RLVR: {summary['pair_ratio_median']:.3f} ({ratios})")
+    print(f"target ViSurf <= {TARGET_RATIO}x RLVR: {verdict}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML experiment config (G, batch, lengths)")
+    parser.add_argument("--model", help="checkpoint folder (default: a randomly initialised tiny Qwen2.5-VL)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per paradigm first")
+    parser.add_argument("--pairs", type=int, default=5, help="measured (RLVR, ViSurf) step pairs")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per worker (1: no spin contention on busy machines)"
+    )
+    parser.add_argument("--json", help="also write the summary to this file")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. objective.num_rollouts=4")
+    args = parser.parse_args(argv)
+    if args.warmup < 0 or args.pairs < 1:
+        parser.error(f"--warmup ({args.warmup}) must be >= 0 and --pairs ({args.pairs}) >= 1")
+    if args.model and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model!r} is not a checkpoint folder")
+    cfg = load_config(args.config, [*args.overrides, f"steps={args.warmup + args.pairs}"])
+
+    with tempfile.TemporaryDirectory(prefix="step-time-") as scratch:
+        if args.model:
+            model_dir, model_label = Path(args.model), f"checkpoint {args.model}"
+        else:
+            model_dir = random_tiny_model(Path(scratch) / "model", cfg.seed)
+            model_label = "randomly initialised tiny Qwen2.5-VL (TinyVLMSpec defaults; completions run to max length)"
+        context = multiprocessing.get_context("spawn")
+        workers, setup = {}, {}
+        for name in PARADIGMS:
+            paradigm_cfg = replace(
+                cfg, model=replace(cfg.model, path=str(model_dir)), objective=replace(cfg.objective, paradigm=name)
+            )
+            parent, child = context.Pipe()
+            process = context.Process(target=_worker, args=(paradigm_cfg.to_dict(), args.threads, child), daemon=True)
+            process.start()
+            workers[name] = (process, parent)
+        for name, (_, conn) in workers.items():
+            setup[name] = conn.recv()
+
+        runs: dict[str, list[dict]] = {name: [] for name in PARADIGMS}
+        started = time.perf_counter()
+        for step in range(args.warmup + args.pairs):
+            order = PARADIGMS if step % 2 == 0 else PARADIGMS[::-1]
+            for name in order:
+                workers[name][1].send(step)
+                result = workers[name][1].recv()
+                if step >= args.warmup:
+                    runs[name].append(result)
+            print(
+                f"[step {step + 1}/{args.warmup + args.pairs}] {time.perf_counter() - started:6.1f}s "
+                + " ".join(f"{n}={runs[n][-1]['metrics']['step_time']:.2f}s" for n in PARADIGMS if runs[n]),
+                file=sys.stderr,
+                flush=True,
+            )
+        for process, conn in workers.values():
+            conn.send(None)
+            process.join()
+
+    import torch
+
+    summary = summarise(runs, setup)
+    memory_label = "peak CUDA memory" if torch.cuda.is_available() else "peak RSS"
+    print(f"model: {model_label}, {setup['rlvr']['parameters']:,} parameters")
+    print(
+        f"G={cfg.objective.num_rollouts} rollouts, {cfg.data.prompts_per_step} prompts/step, "
+        f"max_new_tokens={cfg.rollout.max_new_tokens}, agg={cfg.objective.agg}, deepspeed="
+        f"{'ZeRO-' + str(cfg.deepspeed.zero_stage) if cfg.deepspeed.enabled else 'off'}, "
+        f"{args.warmup} warm-up + {args.pairs} measured steps each, {args.threads} threads, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'} ({os.cpu_count()} cores)"
+    )
+    print_table(summary, memory_label)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model_label, "config": cfg.to_dict(), **summary}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The analysis notebooks run top to bottom in a fresh kernel against artefacts made here (a short LocalSession run; a
+synthetic sweep results folder written by `analysis.results`), and are stored without outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "analysis" / "notebooks"
+
+
+def execute(name: str):
+    """Run notebook `name` in a fresh python3 kernel started in the notebooks folder; returns the executed notebook."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    return client.execute()
+
+
+def code_cells(notebook) -> list:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def images(notebook) -> int:
+    return sum("image/png" in output.get("data", {}) for cell in code_cells(notebook) for output in cell.outputs)
+
+
+@pytest.mark.parametrize("name", ["gradients.ipynb", "sweep_results.ipynb"])
+def test_notebooks_are_stored_without_outputs(name):
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(notebook)
+    code = code_cells(notebook)
+    assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)
+
+
+def test_gradients_notebook_runs_on_a_training_run(small_policy_dir, tmp_path, monkeypatch):
+    from visurf_ray.config import load_config
+    from visurf_ray.train.launcher import run_dir
+    from visurf_ray.train.loop import LocalSession, run_training
+
+    cfg = load_config(
+        None,
+        [
+            "name=run",
+            f"output_dir={tmp_path}",
+            f"model.path={small_policy_dir}",
+            "steps=2",
+            "eval_every=0",
+            "checkpoint_every=1",
+            "data.prompts_per_step=2",
+            "data.eval_size=2",
+            "data.eval_splits=[eval/grounding]",
+            "objective.num_rollouts=2",
+            "rollout.max_new_tokens=8",
+            "rollout.eval_max_new_tokens=8",
+            "deepspeed.enabled=false",
+            "log_to=[]",
+        ],
+    )
+    session = LocalSession(run_dir(cfg), verbose=False)
+    run_training(cfg, session, scratch_dir=session.scratch_dir)
+    monkeypatch.setenv("VISURF_CHECKPOINT", str(run_dir(cfg)))
+    monkeypatch.setenv("VISURF_PROMPTS", "1")
+    monkeypatch.setenv("VISURF_MAX_NEW_TOKENS", "8")
+
+    notebook = execute("gradients.ipynb")
+    assert images(notebook) == 3  # residuals, label share, cosines
+    printed = "".join(
+        o.get("text", "") for cell in code_cells(notebook) for o in cell.outputs if o.output_type == "stream"
+    )
+    assert "all-fail Â_y" in printed
+
+
+def synthetic_results(out_dir: Path) -> None:
+    """results.{csv,parquet} and history.{csv,parquet} of the embedded tiny sweep's variants × 2 seeds, with seeded
+    random metrics, written by `analysis.results` as `experiments/sweep.py` writes them."""
+    from analysis.results import CURVES, tidy_history, tidy_trial, write_tables
+    from visurf_ray.sweep import load_sweep
+
+    sweep = load_sweep(ROOT / "experiments" / "configs" / "sweep_tiny.yaml")
+    rng = np.random.default_rng(0)
+    results, histories = [], []
+    for number, (variant, seed) in enumerate((v, s) for v in sweep.variants for s in (0, 1)):
+        config = sweep.trial_config({"variant": variant, "seed": seed})
+        metrics = {"eval/mean_score": float(rng.random())}
+        for eval_set in config.data.eval_splits:
+            metrics |= {f"eval/{eval_set}/{m}": float(rng.random()) for m in ("score", "success_rate")}
+        metrics["eval/eval/grounding/n_acc"] = float(rng.random())
+        trial_id = f"trial_{number:02d}"
+        results.append(tidy_trial(trial_id, variant, config.to_dict(), metrics))
+        steps = pd.DataFrame({"step": [1.0, 2.0, 3.0], **{c: rng.random(3) for c in CURVES}, "loss": rng.random(3)})
+        histories.append(tidy_history(trial_id, variant, seed, steps))
+    write_tables(pd.concat(results, ignore_index=True), pd.concat(histories, ignore_index=True), out_dir)
+
+
+def test_sweep_results_notebook_runs_on_a_results_folder(tmp_path, monkeypatch):
+    out_dir = tmp_path / "results" / "tiny-visurf-sweep"
+    synthetic_results(out_dir)
+    monkeypatch.setenv("VISURF_RESULTS_DIR", str(out_dir))
+
+    notebook = execute("sweep_results.ipynb")
+    assert images(notebook) == 3  # task bars, ablation bars, curves
+    tables = [
+        o["data"]["text/html"] for cell in code_cells(notebook) for o in cell.outputs if "text/html" in o.get("data", {})
+    ]
+    assert any("ViSurf-no-smoothing" in table and "ViSurf" in table for table in tables)
