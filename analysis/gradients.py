@@ -641,7 +641,10 @@ def plot_residuals(table: pd.DataFrame):
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     """CLI: sample groups at every checkpoint, print the residual and outcome summaries; with --out, also write
     gradients.csv and the three plots there. Returns the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Check ViSurf's gradient identities (float64) and summarise the SFT, RLVR and ViSurf gradients by "
+        "group outcome over a policy's or a run's checkpoints."
+    )
     parser.add_argument(
         "--checkpoint", default=TINY_BASE_MODEL, help="policy folder, LocalSession run folder, or 'tiny-base' (default)"
     )
@@ -655,7 +658,11 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--population-std", action="store_true", help="population std (default: unbiased)")
     parser.add_argument("--no-smoothing", action="store_true", help="turn reward smoothing off")
     parser.add_argument("--out", type=Path, help="folder for gradients.csv and the plots")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: fastest for the tiny models' small ops)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     cfg = GradientCheckConfig(
         num_rollouts=args.num_rollouts,
         max_new_tokens=args.max_new_tokens,

@@ -46,6 +46,15 @@ APPLIES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models' float64 ops are too small to gain from threads, and threads contend on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class RandomTokenModel(torch.nn.Module):
     """A small random autoregressive model in float64: token t's logits from token t−1's embedding and position t."""
 

@@ -110,7 +110,6 @@ def test_sweep_results_notebook_runs_on_a_results_folder(tmp_path, monkeypatch):
 
     notebook = execute("sweep_results.ipynb")
     assert images(notebook) == 3  # task bars, ablation bars, curves
-    tables = [
-        o["data"]["text/html"] for cell in code_cells(notebook) for o in cell.outputs if "text/html" in o.get("data", {})
-    ]
+    outputs = [output.get("data", {}) for cell in code_cells(notebook) for output in cell.outputs]
+    tables = [data["text/html"] for data in outputs if "text/html" in data]
     assert any("ViSurf-no-smoothing" in table and "ViSurf" in table for table in tables)
