@@ -35,7 +35,7 @@ def tidy_trial(
     """One trial's final eval metrics as rows (trial_id, variant, paradigm, seed, eval_set, metric, value, config/…).
 
     config: the trial's `ExperimentConfig.to_dict()`; final_metrics: its last report (`eval/<set>/<metric>` keys,
-    sets may contain '/', e.g. `eval/eval/grounding/giou`; `eval/mean_score` becomes eval_set "mean")."""
+    sets may contain '/', e.g. `eval/retained/count/accuracy`; `eval/mean_score` becomes eval_set "mean")."""
     rows = []
     for key, value in final_metrics.items():
         if not key.startswith("eval/") or not isinstance(value, int | float):

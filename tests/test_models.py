@@ -319,6 +319,35 @@ def test_forward_backward_gives_finite_gradients_everywhere(policy):
     assert policy.model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_shared_image_encoding_gives_the_per_member_gradient_in_float64(policy):
+    """Members of one prompt share one vision-tower pass; the gradient equals one encoding per member (the image's
+    gradient is the sum over its members either way; the vision tower's float32 rotary embedding rounds its own
+    parameters' gradients to float32, hence their tolerance of 1e-5 of the largest element)."""
+    model = policy.model.double()
+    prompts = encode_prompts(policy, IMAGES, QUESTIONS)
+    prompts.pixel_values = prompts.pixel_values.double()
+    batch = encode_sequences(policy, prompts, [[40, 41, 2], [42], [43, 44], [45, 46, 47]], [1, 0, 1, 1])
+    gradients = []
+    for logits in (
+        lambda: completion_logits(model, batch),
+        lambda: model(**batch.model_inputs(), use_cache=False, logits_to_keep=batch.completion_length + 1).logits[
+            :, :-1
+        ],
+    ):
+        model.zero_grad(set_to_none=True)
+        logp = torch.log_softmax(logits(), dim=-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+        (logp * batch.completion_mask * torch.arange(1.0, 5.0, dtype=torch.float64).unsqueeze(1)).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    shared, per_member = gradients
+    assert shared.keys() == per_member.keys()
+    for name in shared:  # the vision tower's float32 rotary embedding rounds its own gradient to float32
+        scale = 1e-5 * float(per_member[name].abs().max()) if name.startswith("model.visual.") else 0.0
+        torch.testing.assert_close(
+            shared[name], per_member[name], rtol=0, atol=max(scale, 1e-10), msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert shared["model.visual.patch_embed.proj.weight"].abs().sum() > 0
+
+
 # --- generation -------------------------------------------------------------------------------------------------------
 
 

@@ -94,8 +94,9 @@ def synthetic_results(out_dir: Path) -> None:
         config = sweep.trial_config({"variant": variant, "seed": seed})
         metrics = {"eval/mean_score": float(rng.random())}
         for eval_set in config.data.eval_splits:
-            metrics |= {f"eval/{eval_set}/{m}": float(rng.random()) for m in ("score", "success_rate")}
-        metrics["eval/eval/grounding/n_acc"] = float(rng.random())
+            label = eval_set.removeprefix("eval/")
+            metrics |= {f"eval/{label}/{m}": float(rng.random()) for m in ("score", "success_rate")}
+        metrics["eval/grounding/n_acc"] = float(rng.random())
         trial_id = f"trial_{number:02d}"
         results.append(tidy_trial(trial_id, variant, config.to_dict(), metrics))
         steps = pd.DataFrame({"step": [1.0, 2.0, 3.0], **{c: rng.random(3) for c in CURVES}, "loss": rng.random(3)})

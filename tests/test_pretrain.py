@@ -67,6 +67,7 @@ def test_config_rejects_bad_fields_by_name():
         ("final_lr_ratio", 1.5),
         ("easy_kinds", ("grounding_none",)),
         ("length_groups", 0),
+        ("spec", {}),
     ]:
         with pytest.raises(ValueError, match=field):
             PretrainConfig(**{field: value})
@@ -254,9 +255,11 @@ def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path):
     assert not folder.exists() and [p for p in tmp_path.iterdir() if ".building-" in p.name]
 
     quick = tiny_config(steps=1)
+    leftover = tmp_path / f".{base_model_dir(tmp_path, quick).name}.building-killed"
+    (leftover / "partial").mkdir(parents=True)
     built = ensure_base_model(tmp_path, quick, log=lambda line: None)
     assert (built / REPORT_FILE).is_file() and built == base_model_dir(tmp_path, quick)
-    assert not folder.exists()
+    assert not folder.exists() and not leftover.exists()
 
 
 # ---- the default recipe -----------------------------------------------------------------------------------------
@@ -264,13 +267,17 @@ def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path):
 
 @pytest.mark.slow
 def test_default_base_model_has_partial_competence(tmp_path):
-    """The default recipe (~5 min on 2 cores): format right, some boxes right, never `[]` (DESIGN.md targets)."""
+    """The default recipe (600 steps, minutes on 2 cores): the format right, never `[]`, and 20-70% of boxes right.
+
+    The box target is the issue's; with the current tiny model the boxes stay near chance (see the module docstring
+    of visurf_ray.train.pretrain), so this test fails on `iou50` until the model or the data give positions.
+    """
     from visurf_ray.train.pretrain import PretrainConfig, pretrain_base
 
     scores = pretrain_base(PretrainConfig(), tmp_path / "base")
     for name in ("grounding", "gui_point", "anomaly", "count"):
-        assert scores[f"eval/{name}/mean_thinking_format"] >= 0.95
-        assert scores[f"eval/{name}/mean_answer_format"] >= 0.95 or name == "count"
-    assert 0.2 <= scores["eval/grounding/iou50"] <= 0.7
+        assert scores[f"eval/{name}/mean_thinking_format"] >= 0.95, name
+        assert scores[f"eval/{name}/mean_answer_format"] >= 0.95, name
     assert scores["eval/no_object/n_acc"] <= 0.02
+    assert 0.2 <= scores["eval/grounding/iou50"] <= 0.7
     assert scores["rollout/mixed"] > 0

@@ -101,7 +101,7 @@ def test_two_trial_sweep_end_to_end(small_policy_dir, tmp_path, monkeypatch):
         results.columns
     )
     sets = set(results["eval_set"])
-    assert {"eval/grounding", "eval/gui_point", "eval/anomaly", "retained/count", "mean"} <= sets
+    assert {"grounding", "gui_point", "anomaly", "retained/count", "mean"} <= sets
     scores = results[results["metric"] == "score"]
     assert len(scores) == 2 * 5 and scores["value"].between(0, 1).all()
     history = pd.read_parquet(out_dir / "history.parquet")

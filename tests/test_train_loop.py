@@ -42,7 +42,7 @@ def test_in_process_loop_runs_every_paradigm(small_policy_dir, tmp_path, paradig
     cfg = small_config(small_policy_dir, tmp_path, paradigm, f"objective.paradigm={paradigm}")
     metrics = launch(cfg)
     assert metrics["step"] == 2.0 and math.isfinite(metrics["loss"])
-    assert 0.0 <= metrics["eval/eval/grounding/score"] <= 1.0
+    assert 0.0 <= metrics["eval/grounding/score"] <= 1.0
     assert "eval/retained/count/accuracy" in metrics
     lines = (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()
     stages = [json.loads(line)["paradigm_stage"] for line in lines]
@@ -110,7 +110,7 @@ def test_ray_train_two_cpu_workers_with_deepspeed_zero2(small_policy_dir, tmp_pa
     finally:
         ray.shutdown()
     assert metrics["step"] == 2.0 and math.isfinite(metrics["loss"])
-    assert "eval/eval/grounding/score" in metrics
+    assert "eval/grounding/score" in metrics
     checkpoints = sorted(p for p in run_dir(cfg).glob("checkpoint_*") if p.is_dir())
     assert checkpoints, "Ray Train wrote no checkpoint"
     names = {p.name for p in checkpoints[-1].rglob("*") if p.is_file()}

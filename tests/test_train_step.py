@@ -17,7 +17,7 @@ from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm
 from visurf_ray.rollout.base import Rollouts, SamplingConfig
 from visurf_ray.rollout.hf import HFRolloutBackend
 from visurf_ray.train.engine import build_engine
-from visurf_ray.train.step import train_step
+from visurf_ray.train.step import length_groups, train_step
 
 
 class ScriptedBackend:
@@ -155,3 +155,64 @@ def test_deepspeed_zero2_step_runs_in_process(small_policy_dir):
         policy, HFRolloutBackend(policy), objective, make_split("posttrain", 2, seed=4), micro_batches=2, deepspeed=True
     )
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
+def test_length_groups_pad_each_group_to_its_own_longest():
+    assert length_groups([96, 96, 96, 40, 96]) == [[3], [0, 1, 2, 4]]
+    assert length_groups([50, 50, 50]) == [[0, 1, 2]]  # nothing to save: one pass
+    assert length_groups([96, 95, 40], max_groups=1) == [[2, 1, 0]]
+    assert length_groups([100] * 9 + [95]) == [[9, 0, 1, 2, 3, 4, 5, 6, 7, 8]]  # saves 0.5 % < min_saving
+    groups = length_groups([5, 80, 6, 81, 40, 41, 7], max_groups=3)
+    assert groups == [[0, 2, 6], [4, 5], [1, 3]]
+    with pytest.raises(ValueError, match="lengths"):
+        length_groups([3, 0])
+    with pytest.raises(ValueError, match="max_groups"):
+        length_groups([3], max_groups=0)
+
+
+def test_length_grouped_forwards_give_the_same_gradient_as_one_padded_batch(small_policy_dir):
+    """Long rollouts and a short label: the grouped step runs two forwards per chunk (sharing each prompt's image
+    encoding) and accumulates the float64 policy's gradient exactly as one padded forward does, with and without
+    micro-batches."""
+    samples = make_split("posttrain", 4, seed=2)
+    long_thought = "<think>" + "the box is here. " * 12 + "</think>"
+    answers = [long_thought + "<answer>[]</answer>", long_thought + "<answer>3</answer>", "<answer>1</answer>"]
+    objective = ObjectiveConfig(paradigm="visurf", num_rollouts=3, agg="seq-mean-token-mean")
+    gradients, forwards = {}, []
+    for micro_batches, groups in ((1, 1), (1, 2), (2, 2)):
+        policy = load_policy(small_policy_dir, dtype=torch.float64)
+        engine = make_engine(policy)
+        policy.model = engine.module
+        accumulated = {}
+        for name, parameter in policy.model.named_parameters():
+            parameter.register_post_accumulate_grad_hook(
+                lambda p, name=name, into=accumulated: into.__setitem__(name, p.grad.clone())
+            )
+        hook = policy.model.register_forward_hook(lambda module, args, output, n=micro_batches: forwards.append(n))
+        train_step(
+            policy=policy,
+            engine=engine,
+            backend=ScriptedBackend(policy, lambda prompt: answers),
+            paradigm=get_paradigm("visurf"),
+            objective=objective,
+            samples=samples,
+            sampling=SamplingConfig(max_new_tokens=8),
+            seed=0,
+            micro_batches=micro_batches,
+            length_groups_per_chunk=groups,
+        )
+        hook.remove()
+        gradients[micro_batches, groups] = accumulated
+    assert forwards == [1] + [1] * 2 + [2] * 4  # forward passes per step: micro_batches × length groups
+    reference = gradients[1, 1]
+    assert max(float(g.abs().max()) for g in reference.values()) > 1e-3
+    for key, grads in gradients.items():
+        assert grads.keys() == reference.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(
+                grad,
+                reference[name],
+                rtol=0,
+                atol=1e-10,
+                msg=lambda m, k=key, n=name: f"{k} {n}: {m}",
+            )

@@ -77,6 +77,7 @@ SEEN_COLOURS = ("red", "green", "blue", "yellow")
 UNSEEN_COLOUR = "purple"
 SHAPES = ("square", "circle", "triangle")
 BACKGROUND = (245, 245, 245)
+POSITION_TINT = 5  # per 14-px cell: red falls by this much per column, green per row (see `position_shading`)
 HELDOUT_BUCKETS = 8
 RETAINED_TASKS = ("count",)
 MAX_COUNT = 6
@@ -216,10 +217,26 @@ def _place(rng: np.random.Generator, looks: list[tuple[str, str]]) -> list[Place
     return [Placed(col, row, colour, shape) for (col, row), (colour, shape) in zip(blocks, looks)]
 
 
+def position_shading(base: tuple[int, int, int]) -> np.ndarray:
+    """A background of colour `base` faintly tinted by grid cell: uint8 [IMAGE_SIZE, IMAGE_SIZE, 3] whose cell
+    (col, row) has red − POSITION_TINT·col and green − POSITION_TINT·row.
+
+    A data-design choice for the tiny model: with 4×4 image tokens and head_dim 32, Qwen2.5-VL's M-RoPE gives its image
+    tokens almost no absolute position (frequencies ≤ 0.03 rad per token at rope_theta 1e6) and the vision tower's RoPE
+    is relative, so on a uniform background a 1.6M-parameter model cannot tell where an object is (pretraining stayed at
+    chance on the column/row digits for 1,550 steps). The shading makes position readable from the pixels, as
+    coordinate-bearing texture does in real images."""
+    cells = np.arange(IMAGE_SIZE) // CELL
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.int16)
+    image[:] = base
+    image[..., 0] -= POSITION_TINT * cells[None, :]
+    image[..., 1] -= POSITION_TINT * cells[:, None]
+    return image.astype(np.uint8)
+
+
 def _draw_shapes(objects: list[Placed]) -> np.ndarray:
-    """Shapes on the plain background: uint8 [IMAGE_SIZE, IMAGE_SIZE, 3]."""
-    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    image[:] = BACKGROUND
+    """Shapes on the position-shaded background: uint8 [IMAGE_SIZE, IMAGE_SIZE, 3]."""
+    image = position_shading(BACKGROUND)
     for o in objects:
         image[o.pixels][SHAPE_MASKS[o.shape]] = COLOURS[o.colour]
     return image
@@ -333,8 +350,7 @@ TITLE_BAR = (60, 90, 150)
 
 def _draw_window(buttons: list[Placed]) -> np.ndarray:
     """A window with a title bar and bordered buttons with black digits: uint8 [IMAGE_SIZE, IMAGE_SIZE, 3]."""
-    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    image[:] = WINDOW_FILL
+    image = position_shading(WINDOW_FILL)
     image[: CELL // 2] = TITLE_BAR
     digit_h, digit_w = DIGIT_MASKS["0"].shape
     top, left = (OBJECT_SIZE - digit_h) // 2, (OBJECT_SIZE - digit_w) // 2

@@ -4,6 +4,7 @@ The trainer and the rollout backends build every model input here: prompts are l
 after them, so the completion of every member starts at the same column. Imports torch, PIL and the policy; never Ray.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -195,44 +196,119 @@ def encode_sequences(
     )
 
 
-def completion_logits(model: torch.nn.Module, seq_batch: SequenceBatch) -> torch.Tensor:
+def image_features(model: torch.nn.Module, prompts: PromptBatch) -> list[torch.Tensor]:
+    """The vision tower's output for each prompt's image: B tensors [image tokens of prompt b, hidden], model dtype.
+
+    Image tokens per prompt = its patches / spatial_merge_size² (16 for a 112×112-pixel image with 14-pixel patches).
+    """
+    device = next(model.parameters()).device
+    features = model.get_image_features(prompts.pixel_values.to(device), prompts.image_grid_thw.to(device))
+    pooled = getattr(features, "pooler_output", features)  # transformers 5.19 wraps the per-image tuple in an output
+    if isinstance(pooled, tuple | list):
+        return list(pooled)
+    merged_patches = model.config.vision_config.spatial_merge_size**2
+    return list(torch.split(pooled, (prompts.image_grid_thw.prod(dim=-1) // merged_patches).tolist()))
+
+
+def member_image_features(model: torch.nn.Module, seq_batch: SequenceBatch) -> dict[int, torch.Tensor]:
+    """`image_features` of each distinct prompt row among the members, {prompt row: [image tokens, hidden]}: the
+    vision tower runs once per prompt on its first member's copy of the image, not once per member."""
+    owners = seq_batch.prompt_index.tolist()
+    first_member = {owner: member for member, owner in reversed(list(enumerate(owners)))}
+    members = list(first_member.values())
+    patch_counts = seq_batch.image_grid_thw.prod(dim=-1).tolist()
+    patch_starts = [sum(patch_counts[:member]) for member in range(len(owners))]
+    patch_rows = torch.cat([torch.arange(patch_starts[m], patch_starts[m] + patch_counts[m]) for m in members])
+    firsts = PromptBatch(
+        input_ids=seq_batch.input_ids[members],
+        attention_mask=seq_batch.attention_mask[members],
+        mm_token_type_ids=seq_batch.mm_token_type_ids[members],
+        pixel_values=seq_batch.pixel_values[patch_rows.to(seq_batch.pixel_values.device)],
+        image_grid_thw=seq_batch.image_grid_thw[members],
+    )
+    return dict(zip(first_member, image_features(model, firsts)))
+
+
+def input_embeddings(
+    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor]
+) -> torch.Tensor:
+    """Token embeddings [N, P + T, hidden] with member n's image tokens replaced by `features[prompt_index[n]]`
+    ([image tokens, hidden] per prompt row), as the model's own forward does with one encoding per member."""
+    owners = seq_batch.prompt_index.tolist()
+    missing = sorted(set(owners) - set(features))
+    if missing:
+        raise ValueError(f"features has no image features for prompt rows {missing}")
+    image_embeds = torch.cat([features[owner] for owner in owners])
+    embeddings = model.get_input_embeddings()(seq_batch.input_ids)
+    image_mask = (seq_batch.input_ids == model.config.image_token_id).unsqueeze(-1)
+    if int(image_mask.sum()) != image_embeds.shape[0]:
+        raise ValueError(
+            f"seq_batch has {int(image_mask.sum())} image tokens but features give {image_embeds.shape[0]} embeddings"
+        )
+    return embeddings.masked_scatter(image_mask, image_embeds.to(embeddings.dtype))
+
+
+def completion_logits(
+    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Next-token logits at the positions that predict the completion tokens: [N, T, V], model dtype.
 
-    Only the last T + 1 positions go through the LM head (`logits_to_keep`), not the prompt's.
+    Only the last T + 1 positions go through the LM head (`logits_to_keep`), not the prompt's. The image embeddings
+    are `features` ({prompt row: [image tokens, hidden]}, e.g. shared by several forward passes over one prompt's
+    members) or else `member_image_features`: one vision-tower pass per distinct prompt, never one per member.
+    `input_ids` still set the multimodal rotary positions.
     """
-    outputs = model(**seq_batch.model_inputs(), use_cache=False, logits_to_keep=seq_batch.completion_length + 1)
+    if features is None:
+        features = member_image_features(model, seq_batch)
+    outputs = model(
+        input_ids=seq_batch.input_ids,
+        inputs_embeds=input_embeddings(model, seq_batch, features),
+        attention_mask=seq_batch.attention_mask,
+        mm_token_type_ids=seq_batch.mm_token_type_ids,
+        image_grid_thw=seq_batch.image_grid_thw,
+        use_cache=False,
+        logits_to_keep=seq_batch.completion_length + 1,
+    )
     return outputs.logits[:, :-1]
 
 
-def _completion_log_probs(model: torch.nn.Module, seq_batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def _completion_log_probs(
+    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log π over the vocabulary [N, T, V] and of the completion tokens [N, T], in at least float32."""
-    logits = completion_logits(model, seq_batch)
+    logits = completion_logits(model, seq_batch, features)
     log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return log_probs, log_probs.gather(-1, seq_batch.completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def completion_logprobs(model: torch.nn.Module, seq_batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(
+    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log π(completion token | image, prompt, earlier completion tokens).
+
+    features: optional image features per prompt row, as in `completion_logits`.
 
     Returns:
         logp: [N, T] in nats, float32 (float64 for a float64 model), 0 on padding; differentiable.
         mask: [N, T] float32 completion mask (`seq_batch.completion_mask`).
     """
-    _, logp = _completion_log_probs(model, seq_batch)
+    _, logp = _completion_log_probs(model, seq_batch, features)
     mask = seq_batch.completion_mask
     return logp * mask, mask
 
 
 def completion_logprobs_and_entropy(
-    model: torch.nn.Module, seq_batch: SequenceBatch
+    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`completion_logprobs` plus the policy's entropy at each completion position, from the same forward pass.
+
+    features: optional image features per prompt row, as in `completion_logits`.
 
     Returns:
         logp: [N, T] nats; entropy: [N, T] nats, -Σ_v π(v) log π(v) over the vocabulary; both 0 on padding.
         mask: [N, T] float32 completion mask.
     """
-    log_probs, logp = _completion_log_probs(model, seq_batch)
+    log_probs, logp = _completion_log_probs(model, seq_batch, features)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     mask = seq_batch.completion_mask
     return logp * mask, entropy * mask, mask

@@ -37,7 +37,8 @@ def greedy_answers(policy: Policy, samples: list[Sample], max_new_tokens: int) -
 def evaluate(
     policy: Policy, eval_sets: dict[str, list[Sample]], max_new_tokens: int, *, rank: int = 0, world_size: int = 1
 ) -> dict[str, float]:
-    """Metrics `eval/<set>/<metric>` for every set (all of one task), `eval/<set>/score` (HEADLINE_METRIC) and
+    """Metrics `eval/<set>/<metric>` for every set (all of one task; <set> is its name without a leading "eval/", so
+    split "eval/grounding" reports as `eval/grounding/...`), `eval/<set>/score` (HEADLINE_METRIC) and
     `eval/mean_score` (mean over sets; the sweep's default objective).
 
     NaN metrics (e.g. N-Acc of a set without empty ground truths) are left out.
@@ -60,7 +61,8 @@ def evaluate(
         task = tasks.pop()
         metrics = task_metrics(task, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
         metrics["score"] = metrics[HEADLINE_METRIC[task]]
-        results.update({f"eval/{name}/{k}": v for k, v in metrics.items() if not math.isnan(v)})
+        label = name.removeprefix("eval/")
+        results.update({f"eval/{label}/{k}": v for k, v in metrics.items() if not math.isnan(v)})
     policy.model.train(was_training)
     scores = [v for k, v in results.items() if k.endswith("/score")]
     results["eval/mean_score"] = sum(scores) / len(scores)

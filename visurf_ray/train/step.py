@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from visurf_ray import rewards
 from visurf_ray.data.sample import Sample
@@ -18,6 +19,7 @@ from visurf_ray.models.inputs import (
     completion_logprobs_and_entropy,
     encode_prompts,
     encode_sequences,
+    image_features,
 )
 from visurf_ray.models.policy import Policy
 from visurf_ray.objectives.paradigms import ObjectiveConfig, Paradigm, stack_members
@@ -77,6 +79,45 @@ def _loss_weights(lengths: list[int], chunks: list[slice], agg: str) -> list[flo
     return [(c.stop - c.start) / len(lengths) for c in chunks]
 
 
+def length_groups(lengths: list[int], *, max_groups: int = 2, min_saving: float = 0.1) -> list[list[int]]:
+    """Split members into at most `max_groups` forward passes so that each pads only to its own longest completion.
+
+    lengths: completion tokens per member. Members are sorted by length and cut into contiguous runs minimising the
+    padded completion tokens Σ_group |group| · max length in group (dynamic programming); a split is taken only when it
+    saves at least `min_saving` of the unsplit batch's padded tokens (each extra pass costs a kernel launch per layer).
+    Returns lists of member indices (into `lengths`), shortest completions first; their union is every member once.
+    """
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"lengths must be a non-empty list of positive token counts, got {lengths}")
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+    order = sorted(range(len(lengths)), key=lambda member: lengths[member])
+    sorted_lengths = [lengths[member] for member in order]
+    n = len(order)
+    # best[k][i]: least padded tokens for the first i sorted members in k runs; cut[k][i]: where its last run starts.
+    best = [[0.0] + [float("inf")] * n for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    for k in range(1, max_groups + 1):
+        for i in range(1, n + 1):
+            for start in range(k - 1, i):
+                cost = best[k - 1][start] + (i - start) * sorted_lengths[i - 1]
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, start
+    groups_used = min(range(1, max_groups + 1), key=lambda k: (best[k][n], k))
+    if best[groups_used][n] > (1 - min_saving) * best[1][n]:
+        groups_used = 1
+    bounds, end = [], n
+    for k in range(groups_used, 0, -1):
+        bounds.append((cut[k][end], end))
+        end = cut[k][end]
+    return [order[start:stop] for start, stop in reversed(bounds)]
+
+
+def _pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad [n, T] with zeros to [n, width]."""
+    return F.pad(values, (0, width - values.shape[1]))
+
+
 def train_step(
     *,
     policy: Policy,
@@ -89,11 +130,15 @@ def train_step(
     seed: int,
     micro_batches: int = 1,
     reference: torch.nn.Module | None = None,
+    length_groups_per_chunk: int = 2,
 ) -> dict[str, float]:
     """Run one optimizer step of `paradigm` (already resolved for this step) on `samples`; return its metrics.
 
     Rollouts are sampled with `seed`; members are split into `micro_batches` prompt-aligned chunks for the
-    forward/backward, each weighted so that the gradient equals that of the whole batch at once.
+    forward/backward, each weighted so that the gradient equals that of the whole batch at once. Within a chunk, the
+    members run in up to `length_groups_per_chunk` forward passes grouped by completion length (`length_groups`), so
+    that short members (e.g. labels shorter than the rollouts) are not padded to the longest; the loss and gradient
+    are those of one padded pass.
     """
     times = {"time/rollout": 0.0, "time/reward": 0.0, "time/update": 0.0}
     start = time.perf_counter()
@@ -145,6 +190,8 @@ def train_step(
     start = time.perf_counter()
     if not 1 <= micro_batches <= len(samples):
         raise ValueError(f"micro_batches={micro_batches} must be in [1, {len(samples)}] (the prompts of this step)")
+    if length_groups_per_chunk < 1:
+        raise ValueError(f"length_groups_per_chunk={length_groups_per_chunk} must be >= 1 (1: one padded pass)")
     per_prompt = len(completion_ids) // len(samples)
     chunks = [
         slice(int(c[0]) * per_prompt, (int(c[-1]) + 1) * per_prompt)
@@ -156,17 +203,36 @@ def train_step(
     loss_metrics: dict[str, float] = {}
     entropy_sum = tokens = 0.0
     for chunk, weight in zip(chunks, weights):
-        part = encode_sequences(policy, prompts, completion_ids[chunk], prompt_index[chunk]).to(device)
-        logp, entropy, mask = completion_logprobs_and_entropy(engine.module, part)
+        # One forward per length group (rows are independent, so the chunk's logp equals one padded forward's), then
+        # the chunk's members back in member order for the paradigm's loss.
+        width = max(lengths[chunk])
+        passes = [
+            [chunk.start + i for i in group]
+            for group in length_groups(lengths[chunk], max_groups=length_groups_per_chunk)
+        ]
+        # Each prompt's image is encoded once for all its members and passes (autograd sums their gradients into it).
+        owners = sorted(set(prompt_index[chunk]))
+        features = dict(zip(owners, image_features(engine.module, prompts.select(owners))))
+        parts = []
+        for group in passes:
+            part = encode_sequences(
+                policy, prompts, [completion_ids[m] for m in group], [prompt_index[m] for m in group]
+            )
+            part = part.to(device)
+            group_logp, group_entropy, group_mask = completion_logprobs_and_entropy(engine.module, part, features)
+            group_ref = None
+            if reference is not None:
+                with torch.no_grad():
+                    group_ref, _ = completion_logprobs(reference, part)
+            parts.append((group_logp, group_entropy, group_mask, group_ref))
+        rows = torch.tensor([m - chunk.start for group in passes for m in group], device=device).argsort()
+        logp, entropy, mask = (torch.cat([_pad_columns(p[i], width) for p in parts])[rows] for i in range(3))
+        ref_logp = None if reference is None else torch.cat([_pad_columns(p[3], width) for p in parts])[rows]
         mask = mask.bool()
         old = logp.detach().clone()
         for row, member in enumerate(range(chunk.start, chunk.stop)):
             if old_logp[member] is not None:
                 old[row, : lengths[member]] = old_logp[member].to(old)
-        ref_logp = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_logp, _ = completion_logprobs(reference, part)
         loss, metrics = paradigm.loss(
             logp,
             old,
