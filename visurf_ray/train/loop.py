@@ -128,25 +128,25 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    folder: Path, engine: Engine, step: int, totals: dict[str, float], rank: int, cfg: ExperimentConfig
+    folder: Path, engine: Engine, step: int, carried: dict[str, float], rank: int, cfg: ExperimentConfig
 ) -> None:
     """Engine state (weights, optimizer, LR schedule), the data position (`step`: batches are a function of it), the
-    run's running totals and this rank's RNG state."""
+    metrics carried from step to step (running totals, latest evaluation) and this rank's RNG state."""
     engine.save(folder)
     torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
     if rank == 0:
-        state = {"step": step, "totals": totals, "config": cfg.to_dict()}
+        state = {"step": step, "carried": carried, "config": cfg.to_dict()}
         (folder / TRAINER_STATE).write_text(json.dumps(state))
 
 
 def load_checkpoint(folder: Path, engine: Engine, rank: int) -> tuple[int, dict[str, float]]:
-    """Restore a checkpoint written by `save_checkpoint`; returns (steps already done, running totals)."""
+    """Restore a checkpoint written by `save_checkpoint`; returns (steps already done, carried metrics)."""
     engine.load(folder)
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     state = json.loads((folder / TRAINER_STATE).read_text())
-    return int(state["step"]), state["totals"]
+    return int(state["step"]), state["carried"]
 
 
 def _progress(step: int, total: int, metrics: dict[str, float], started: float) -> None:
@@ -189,11 +189,16 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
 
     start = 0
-    totals = {"generated_tokens_total": 0.0, "train_time_total": 0.0}  # the budget, comparable across paradigms
+    # Reported with every step: the budget so far (comparable across paradigms) and the latest evaluation, so that
+    # every report carries the eval metrics a sweep optimises (step 0 evaluates the starting policy).
+    carried = {"generated_tokens_total": 0.0, "train_time_total": 0.0}
     resume_from = session.latest_checkpoint()
     if resume_from is not None:
-        start, totals = load_checkpoint(resume_from, engine, rank)
+        start, carried = load_checkpoint(resume_from, engine, rank)
         backend.sync_weights(engine.module)
+    elif cfg.eval_every:
+        carried.update(evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world))
+        carried["eval_step"] = 0.0
     started = time.perf_counter()
     metrics: dict[str, float] = {}
     sinks = MetricSinks(cfg, Path(cfg.output_dir).resolve() / cfg.name) if rank == 0 else None
@@ -217,15 +222,16 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
         done = step + 1
         metrics["step"] = float(done)
         metrics["prompts_seen"] = float(done * cfg.data.prompts_per_step)
-        totals["generated_tokens_total"] += metrics.get("generated_tokens", 0.0) * world
-        totals["train_time_total"] += metrics["step_time"]
-        metrics.update(totals)
+        carried["generated_tokens_total"] += metrics.get("generated_tokens", 0.0) * world
+        carried["train_time_total"] += metrics["step_time"]
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            metrics.update(evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world))
+            carried.update(evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world))
+            carried["eval_step"] = float(done)
+        metrics.update(carried)
         checkpoint_dir = None
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             checkpoint_dir = Path(scratch_dir() if scratch_dir else tempfile.mkdtemp(prefix="visurf-ckpt-"))
-            save_checkpoint(checkpoint_dir, engine, done, totals, rank, cfg)
+            save_checkpoint(checkpoint_dir, engine, done, carried, rank, cfg)
         if rank == 0:
             sinks.log(metrics, done)
             if "stdout" in cfg.log_to:
