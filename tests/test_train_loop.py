@@ -116,3 +116,13 @@ def test_ray_train_two_cpu_workers_with_deepspeed_zero2(small_policy_dir, tmp_pa
     names = {p.name for p in checkpoints[-1].rglob("*") if p.is_file()}
     assert {"trainer_state.json", "rng_rank0.pt", "rng_rank1.pt"} <= names
     assert any(n.startswith("zero_pp_rank_1") for n in names)  # each rank's ZeRO-2 optimizer shard
+
+
+def test_every_report_carries_the_latest_evaluation(small_policy_dir, tmp_path):
+    """Tune checks each report for the sweep's metric: the starting policy is evaluated at step 0 and the latest
+    evaluation rides along with every later report."""
+    cfg = small_config(small_policy_dir, tmp_path, "carried", "steps=3", "eval_every=2", "objective.paradigm=rlvr")
+    launch(cfg)
+    reports = [json.loads(line) for line in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_step"] for r in reports] == [0.0, 2.0, 3.0]
+    assert all("eval/mean_score" in r and "eval/grounding/score" in r for r in reports)
