@@ -425,7 +425,7 @@ def test_cached_generation_and_training_forward_give_the_same_logits(policy):
 @pytest.mark.gpu
 def test_load_policy_on_cuda_defaults_to_bfloat16(tiny_folder):
     if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+        pytest.skip("needs a CUDA device: load_policy defaults to bfloat16 only on GPU")
     policy = load_policy(tiny_folder)
     assert policy.device.type == "cuda" and policy.model.dtype == torch.bfloat16
     prompts = encode_prompts(policy, IMAGES, QUESTIONS)
