@@ -34,7 +34,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import Tensor
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from visurf_ray import rewards
 from visurf_ray.config import TINY_BASE_MODEL
@@ -42,7 +41,7 @@ from visurf_ray.data.benchmark import make_split
 from visurf_ray.data.sample import Sample
 from visurf_ray.models.generation import generate
 from visurf_ray.models.inputs import completion_logprobs, encode_prompts, encode_sequences
-from visurf_ray.models.policy import Policy, load_policy
+from visurf_ray.models.policy import Policy, load_policy, use_input_dtype_norms
 from visurf_ray.objectives.advantages import smoothing_mask
 from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm, stack_members
 from visurf_ray.rollout.base import Rollouts
@@ -446,12 +445,7 @@ def load_float64_policy(path: str | Path) -> Policy:
 
         path = ensure_base_model()
     policy = load_policy(path, dtype=torch.float64, device="cpu")
-    for name, module in list(policy.model.named_modules()):
-        if isinstance(module, Qwen2_5_VLRMSNorm):
-            norm = torch.nn.RMSNorm(module.weight.shape, eps=module.variance_epsilon, dtype=module.weight.dtype)
-            norm.weight = module.weight
-            parent, _, attribute = name.rpartition(".")
-            setattr(policy.model.get_submodule(parent), attribute, norm)
+    use_input_dtype_norms(policy.model)
     policy.model.eval()
     return policy
 

@@ -73,9 +73,8 @@ class StepRunner:
         return sum(p.numel() for p in self.policy.model.parameters())
 
     def step(self, step: int) -> dict[str, float]:
-        """Metrics of `train_step` plus `update_sequence_tokens`: prompt + completion tokens (no padding) of every
-        member of the update, the tokens its forward and backward pass cover."""
-        from visurf_ray.models.inputs import encode_prompts
+        """Metrics of `train_step` plus `update_sequence_tokens`: the prompt and completion tokens (no padding) its
+        forward and backward passes cover (each prompt once where its members share it)."""
         from visurf_ray.train.loop import batch_for_step, step_seed
         from visurf_ray.train.step import train_step
 
@@ -93,9 +92,7 @@ class StepRunner:
             micro_batches=cfg.optim.micro_batches,
         )
         self.backend.sync_weights(self.engine.module)
-        prompts = encode_prompts(self.policy, [s.image for s in samples], [s.problem for s in samples])
-        members = cfg.objective.num_rollouts * self.paradigm.needs_rollouts + self.paradigm.needs_label
-        metrics["update_sequence_tokens"] = members * float(prompts.attention_mask.sum()) + metrics["update_tokens"]
+        metrics["update_sequence_tokens"] = metrics["update_prompt_tokens"] + metrics["update_tokens"]
         return metrics
 
     def peak_memory_mib(self) -> float:

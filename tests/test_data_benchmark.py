@@ -24,7 +24,6 @@ from visurf_ray.data.benchmark import (
     UNSEEN_COLOUR,
     iter_split,
     make_split,
-    position_shading,
     split_names,
     target_text,
     text_corpus,
@@ -51,7 +50,7 @@ def splits() -> dict[str, list[Sample]]:
 
 def decode_shapes(image: np.ndarray) -> list[tuple[str, str, int, int]]:
     """(colour, shape, col, row) of every shape drawn on a 2 x 2-cell block, found from the pixels alone."""
-    foreground = (image != position_shading(BACKGROUND)).any(axis=-1)
+    foreground = (image != np.array(BACKGROUND)).any(axis=-1)
     found = []
     for row, col in itertools.product(range(IMAGE_SIZE // CELL - 1), repeat=2):
         rows, cols = slice(row * CELL, row * CELL + OBJECT_SIZE), slice(col * CELL, col * CELL + OBJECT_SIZE)

@@ -21,7 +21,13 @@ from visurf_ray.models import (
     suppressed_token_ids,
     train_tokenizer,
 )
-from visurf_ray.models.inputs import completion_logits
+from visurf_ray.models.inputs import (
+    completion_logits,
+    encode_completions,
+    prompt_states,
+    shared_prompt_logprobs_and_entropy,
+)
+from visurf_ray.models.policy import use_input_dtype_norms
 
 CORPUS = [
     "Locate the red square in the image. Output its bbox and a point inside it in JSON.",
@@ -346,6 +352,60 @@ def test_shared_image_encoding_gives_the_per_member_gradient_in_float64(policy):
             shared[name], per_member[name], rtol=0, atol=max(scale, 1e-10), msg=lambda m, n=name: f"{n}: {m}"
         )
     assert shared["model.visual.patch_embed.proj.weight"].abs().sum() > 0
+
+
+def test_shared_prompt_scoring_equals_full_sequences_in_float64(policy):
+    """Each prompt runs once and its members attend to its keys/values: log-probs, entropies and every parameter's
+    gradient equal scoring each prompt + completion in full (float64 norms), with left-padded prompts, members of
+    different lengths (one of a single token) and a prompt shared by three members."""
+    model = use_input_dtype_norms(policy.model.double())
+    prompts = encode_prompts(policy, IMAGES, [QUESTIONS[0], QUESTIONS[1] + " Be precise."])
+    prompts.pixel_values = prompts.pixel_values.double()
+    completions, owners = [[40, 41, 42, 2], [43, 44], [45], [46, 47, 48]], [1, 0, 1, 1]
+    weights = torch.arange(1.0, 5.0, dtype=torch.float64).unsqueeze(1)
+    results = []
+    for score in (
+        lambda: completion_logprobs_and_entropy(model, encode_sequences(policy, prompts, completions, owners)),
+        lambda: shared_prompt_logprobs_and_entropy(
+            model, prompt_states(model, prompts), encode_completions(policy, completions, owners)
+        ),
+    ):
+        model.zero_grad(set_to_none=True)
+        logp, entropy, mask = score()
+        ((logp + 0.1 * entropy) * weights).sum().backward()
+        results.append(
+            (logp.detach(), entropy.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters()})
+        )
+    (full_logp, full_entropy, full_mask, full_grads), (logp, entropy, mask, grads) = results
+    torch.testing.assert_close(mask, full_mask, rtol=0, atol=0)
+    torch.testing.assert_close(logp, full_logp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy, full_entropy, rtol=0, atol=1e-12)
+    assert grads.keys() == full_grads.keys() and full_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0
+    for name, grad in grads.items():  # the vision tower's float32 rotary embedding rounds its own gradients
+        scale = 1e-5 * float(full_grads[name].abs().max()) if name.startswith("model.visual.") else 0.0
+        torch.testing.assert_close(
+            grad, full_grads[name], rtol=0, atol=max(scale, 1e-10), msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_shared_prompt_scoring_in_float32_and_its_errors(policy):
+    model = policy.model
+    prompts = encode_prompts(policy, IMAGES, QUESTIONS)
+    completions, owners = [[40, 41, 42, 2], [43, 44]], [1, 0]
+    with torch.no_grad():
+        full, _ = completion_logprobs(model, encode_sequences(policy, prompts, completions, owners))
+        shared, _, _ = shared_prompt_logprobs_and_entropy(
+            model, prompt_states(model, prompts), encode_completions(policy, completions, owners)
+        )
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"completion_ids\[1\] is empty"):
+        encode_completions(policy, [[40], []], [0, 1])
+    with pytest.raises(ValueError, match="same length"):
+        encode_completions(policy, [[40]], [0, 1])
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        prompt_states(model, prompts)
 
 
 # --- generation -------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 from visurf_ray.config import DeepSpeedConfig, OptimConfig
 from visurf_ray.data.benchmark import make_split
-from visurf_ray.models.policy import load_policy
+from visurf_ray.models.policy import load_policy, use_input_dtype_norms
 from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm
 from visurf_ray.rollout.base import Rollouts, SamplingConfig
 from visurf_ray.rollout.hf import HFRolloutBackend
@@ -171,9 +171,9 @@ def test_length_groups_pad_each_group_to_its_own_longest():
 
 
 def test_length_grouped_forwards_give_the_same_gradient_as_one_padded_batch(small_policy_dir):
-    """Long rollouts and a short label: the grouped step runs two forwards per chunk (sharing each prompt's image
-    encoding) and accumulates the float64 policy's gradient exactly as one padded forward does, with and without
-    micro-batches."""
+    """Long rollouts and a short label: the grouped step runs each chunk's prompts once and its completions in two
+    passes against them, and accumulates the float64 policy's gradient exactly as one padded pass does, with and
+    without micro-batches (float64 norms: transformers' RMSNorm would round gradients to float32)."""
     samples = make_split("posttrain", 4, seed=2)
     long_thought = "<think>" + "the box is here. " * 12 + "</think>"
     answers = [long_thought + "<answer>[]</answer>", long_thought + "<answer>3</answer>", "<answer>1</answer>"]
@@ -181,6 +181,7 @@ def test_length_grouped_forwards_give_the_same_gradient_as_one_padded_batch(smal
     gradients, forwards = {}, []
     for micro_batches, groups in ((1, 1), (1, 2), (2, 2)):
         policy = load_policy(small_policy_dir, dtype=torch.float64)
+        use_input_dtype_norms(policy.model)
         engine = make_engine(policy)
         policy.model = engine.module
         accumulated = {}
@@ -188,7 +189,8 @@ def test_length_grouped_forwards_give_the_same_gradient_as_one_padded_batch(smal
             parameter.register_post_accumulate_grad_hook(
                 lambda p, name=name, into=accumulated: into.__setitem__(name, p.grad.clone())
             )
-        hook = policy.model.register_forward_hook(lambda module, args, output, n=micro_batches: forwards.append(n))
+        language_model = policy.model.model.language_model
+        hook = language_model.register_forward_hook(lambda module, args, output, n=micro_batches: forwards.append(n))
         train_step(
             policy=policy,
             engine=engine,
@@ -203,7 +205,8 @@ def test_length_grouped_forwards_give_the_same_gradient_as_one_padded_batch(smal
         )
         hook.remove()
         gradients[micro_batches, groups] = accumulated
-    assert forwards == [1] + [1] * 2 + [2] * 4  # forward passes per step: micro_batches × length groups
+    # language-model passes per step: micro_batches × (1 prompt pass + length groups)
+    assert forwards == [1] * 2 + [1] * 3 + [2] * 6
     reference = gradients[1, 1]
     assert max(float(g.abs().max()) for g in reference.values()) > 1e-3
     for key, grads in gradients.items():
@@ -216,3 +219,41 @@ def test_length_grouped_forwards_give_the_same_gradient_as_one_padded_batch(smal
                 atol=1e-10,
                 msg=lambda m, k=key, n=name: f"{k} {n}: {m}",
             )
+
+
+def test_gradient_checkpointing_runs_every_member_with_its_prompt_and_gives_the_same_gradient(small_policy_dir):
+    """Gradient checkpointing drops the key/value cache, so the step scores full prompt + completion sequences; the
+    float64 gradient equals the shared-prompt step's."""
+    samples = make_split("posttrain", 2, seed=3)
+    answers = ["<think>here</think><answer>[]</answer>", "<answer>[]</answer>"]
+    objective = ObjectiveConfig(paradigm="visurf", num_rollouts=2)
+    gradients = []
+    for checkpointing in (False, True):
+        policy = load_policy(small_policy_dir, dtype=torch.float64)
+        use_input_dtype_norms(policy.model)
+        if checkpointing:
+            policy.model.gradient_checkpointing_enable()
+        engine = make_engine(policy)
+        policy.model = engine.module
+        accumulated = {}
+        for name, parameter in policy.model.named_parameters():
+            parameter.register_post_accumulate_grad_hook(
+                lambda p, name=name, into=accumulated: into.__setitem__(name, p.grad.clone())
+            )
+        train_step(
+            policy=policy,
+            engine=engine,
+            backend=ScriptedBackend(policy, lambda prompt: answers),
+            paradigm=get_paradigm("visurf"),
+            objective=objective,
+            samples=samples,
+            sampling=SamplingConfig(max_new_tokens=8),
+            seed=0,
+        )
+        gradients.append(accumulated)
+    shared, checkpointed = gradients
+    assert shared.keys() == checkpointed.keys() and max(float(g.abs().max()) for g in shared.values()) > 1e-4
+    for name in shared:
+        torch.testing.assert_close(
+            checkpointed[name], shared[name], rtol=0, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
+        )

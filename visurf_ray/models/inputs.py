@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import DynamicCache
 
 from visurf_ray.models.policy import Policy
 
@@ -146,26 +147,38 @@ def encode_prompts(policy: Policy, images: list[Image.Image], questions: list[st
     )
 
 
-def encode_sequences(
-    policy: Policy, prompt_batch: PromptBatch, completion_ids: list[list[int]], prompt_index: list[int]
-) -> SequenceBatch:
-    """Append completions to their prompts for one forward pass.
+@dataclass
+class CompletionBatch:
+    """N completions, right-padded; member n continues prompt row `prompt_index[n]`.
 
-    Args:
-        prompt_batch: B prompts [B, P].
-        completion_ids: N completions as token ids (rollouts and labels alike), each non-empty; a completion may end
-            with the eos token or not (truncated).
-        prompt_index: N prompt rows; a prompt's image and tokens are reused by all its members (e.g. G + 1).
-
-    Returns:
-        A SequenceBatch of N rows of P + T tokens, T the longest completion, on the prompt batch's device.
+    ids: [N, T] token ids padded with the pad id; mask: [N, T] float32, 1.0 on completion tokens; prompt_index: [N].
     """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    prompt_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        """T, the padded completion length in tokens."""
+        return self.ids.shape[1]
+
+    def to(self, device: str | torch.device) -> "CompletionBatch":
+        return replace(self, **{field.name: getattr(self, field.name).to(device) for field in fields(self)})
+
+
+def encode_completions(policy: Policy, completion_ids: list[list[int]], prompt_index: list[int]) -> CompletionBatch:
+    """Pad N completions (token ids; rollouts and labels alike, each non-empty, ending with eos or not) to one
+    [N, T] batch, T the longest; `prompt_index` gives each member's prompt row. On CPU."""
     if len(completion_ids) != len(prompt_index):
         raise ValueError(
             f"completion_ids ({len(completion_ids)}) and prompt_index ({len(prompt_index)}) must have the same length"
         )
     if not completion_ids:
-        raise ValueError("encode_sequences needs at least one completion")
+        raise ValueError("a completion batch needs at least one completion")
     config = policy.model.config
     vision_token_ids = {config.image_token_id, config.video_token_id}
     for member, ids in enumerate(completion_ids):
@@ -173,26 +186,43 @@ def encode_sequences(
             raise ValueError(f"completion_ids[{member}] is empty")
         if vision_token_ids & set(ids):
             raise ValueError(f"completion_ids[{member}] contains image/video placeholder tokens {vision_token_ids}")
-    prompts = prompt_batch.select(prompt_index)
-    device = prompts.input_ids.device
-    completion_length = max(len(ids) for ids in completion_ids)
-    completions = torch.full((len(completion_ids), completion_length), policy.tokenizer.pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros(len(completion_ids), completion_length, dtype=torch.float32)
+    length = max(len(ids) for ids in completion_ids)
+    padded = torch.full((len(completion_ids), length), policy.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(completion_ids), length, dtype=torch.float32)
     for member, ids in enumerate(completion_ids):
-        completions[member, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        completion_mask[member, : len(ids)] = 1.0
-    completions, completion_mask = completions.to(device), completion_mask.to(device)
+        padded[member, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[member, : len(ids)] = 1.0
+    return CompletionBatch(ids=padded, mask=mask, prompt_index=torch.tensor(prompt_index, dtype=torch.long))
+
+
+def encode_sequences(
+    policy: Policy, prompt_batch: PromptBatch, completion_ids: list[list[int]], prompt_index: list[int]
+) -> SequenceBatch:
+    """Append completions to their prompts for one forward pass.
+
+    Args:
+        prompt_batch: B prompts [B, P].
+        completion_ids: N completions as token ids (see `encode_completions`).
+        prompt_index: N prompt rows; a prompt's image and tokens are reused by all its members (e.g. G + 1).
+
+    Returns:
+        A SequenceBatch of N rows of P + T tokens, T the longest completion, on the prompt batch's device.
+    """
+    completions = encode_completions(policy, completion_ids, prompt_index)
+    prompts = prompt_batch.select(prompt_index)
+    completions = completions.to(prompts.input_ids.device)
     return SequenceBatch(
-        input_ids=torch.cat([prompts.input_ids, completions], dim=1),
-        attention_mask=torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], dim=1),
+        input_ids=torch.cat([prompts.input_ids, completions.ids], dim=1),
+        attention_mask=torch.cat([prompts.attention_mask, completions.mask.to(prompts.attention_mask.dtype)], dim=1),
         mm_token_type_ids=torch.cat(
-            [prompts.mm_token_type_ids, torch.zeros_like(completions, dtype=prompts.mm_token_type_ids.dtype)], dim=1
+            [prompts.mm_token_type_ids, torch.zeros_like(completions.ids, dtype=prompts.mm_token_type_ids.dtype)],
+            dim=1,
         ),
         pixel_values=prompts.pixel_values,
         image_grid_thw=prompts.image_grid_thw,
-        completion_ids=completions,
-        completion_mask=completion_mask,
-        prompt_index=torch.tensor(prompt_index, dtype=torch.long, device=device),
+        completion_ids=completions.ids,
+        completion_mask=completions.mask,
+        prompt_index=completions.prompt_index,
     )
 
 
@@ -272,13 +302,10 @@ def completion_logits(
     return outputs.logits[:, :-1]
 
 
-def _completion_log_probs(
-    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_log_probs(logits: torch.Tensor, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log π over the vocabulary [N, T, V] and of the completion tokens [N, T], in at least float32."""
-    logits = completion_logits(model, seq_batch, features)
     log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    return log_probs, log_probs.gather(-1, seq_batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return log_probs, log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
 def completion_logprobs(
@@ -292,7 +319,7 @@ def completion_logprobs(
         logp: [N, T] in nats, float32 (float64 for a float64 model), 0 on padding; differentiable.
         mask: [N, T] float32 completion mask (`seq_batch.completion_mask`).
     """
-    _, logp = _completion_log_probs(model, seq_batch, features)
+    _, logp = _token_log_probs(completion_logits(model, seq_batch, features), seq_batch.completion_ids)
     mask = seq_batch.completion_mask
     return logp * mask, mask
 
@@ -308,7 +335,104 @@ def completion_logprobs_and_entropy(
         logp: [N, T] nats; entropy: [N, T] nats, -Σ_v π(v) log π(v) over the vocabulary; both 0 on padding.
         mask: [N, T] float32 completion mask.
     """
-    log_probs, logp = _completion_log_probs(model, seq_batch, features)
+    log_probs, logp = _token_log_probs(completion_logits(model, seq_batch, features), seq_batch.completion_ids)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     mask = seq_batch.completion_mask
     return logp * mask, entropy * mask, mask
+
+
+@dataclass
+class PromptStates:
+    """The language model's state after B prompts, so that many completions per prompt are scored without running the
+    prompt (and its image tokens) once per completion.
+
+    keys, values: per decoder layer [B, kv heads, P, head_dim], differentiable (gradients reach the prompt tokens,
+    the image features and the vision tower, summed over every completion that attends to them).
+    last_hidden: [B, hidden] final hidden state at each prompt's last token (it predicts the first completion token).
+    attention_mask: [B, P] the prompts' (left-padding) mask; next_position: [B] rotary position of the first
+    completion token (text positions continue after the prompt's largest multimodal position).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    last_hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+
+
+def prompt_states(
+    model: torch.nn.Module, prompts: PromptBatch, features: list[torch.Tensor] | None = None
+) -> PromptStates:
+    """Run the language model once over B prompts and keep its key/value states.
+
+    features: the prompts' image features (`image_features(model, prompts)`, computed when None). Not usable under
+    gradient checkpointing, which drops the key/value cache (transformers' GradientCheckpointingLayer).
+    """
+    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+        raise ValueError("prompt_states needs the key/value cache, which gradient checkpointing drops")
+    device = next(model.parameters()).device
+    prompts = prompts.to(device)
+    if features is None:
+        features = image_features(model, prompts)
+    image_embeds = torch.cat(list(features))
+    embeddings = model.get_input_embeddings()(prompts.input_ids)
+    image_mask = (prompts.input_ids == model.config.image_token_id).unsqueeze(-1)
+    if int(image_mask.sum()) != image_embeds.shape[0]:
+        raise ValueError(f"prompts have {int(image_mask.sum())} image tokens but features give {image_embeds.shape[0]}")
+    embeddings = embeddings.masked_scatter(image_mask, image_embeds.to(embeddings.dtype))
+    positions, _ = model.model.get_rope_index(
+        input_ids=prompts.input_ids,
+        mm_token_type_ids=prompts.mm_token_type_ids,
+        image_grid_thw=prompts.image_grid_thw,
+        attention_mask=prompts.attention_mask,
+    )
+    cache = DynamicCache()
+    outputs = model.model.language_model(
+        inputs_embeds=embeddings,
+        attention_mask=prompts.attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return PromptStates(
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+        last_hidden=outputs.last_hidden_state[:, -1],  # left padding: the last column is every prompt's last token
+        attention_mask=prompts.attention_mask,
+        next_position=positions.amax(dim=(0, 2)) + 1,
+    )
+
+
+def shared_prompt_logprobs_and_entropy(
+    model: torch.nn.Module, states: PromptStates, completions: CompletionBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`completion_logprobs_and_entropy` of N completions scored against their prompts' `states`: only the completion
+    tokens run through the language model, attending to their prompt's keys and values (each prompt ran once).
+    Equal to scoring every prompt + completion sequence in full (to float64 rounding, with float64 norms).
+
+    completions: `prompt_index` are rows of `states`. Returns logp, entropy, mask as `completion_logprobs_and_entropy`.
+    """
+    device = states.last_hidden.device
+    completions = completions.to(device)
+    rows = completions.prompt_index
+    hidden = states.last_hidden[rows].unsqueeze(1)
+    if completions.length > 1:  # the last completion token predicts nothing
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(zip(states.keys, states.values)):
+            cache.update(keys[rows], values[rows], layer)
+        steps = torch.arange(completions.length - 1, device=device)
+        positions = (states.next_position[rows, None] + steps).expand(3, -1, -1)
+        attention_mask = torch.cat(
+            [states.attention_mask[rows], completions.mask[:, :-1].to(states.attention_mask.dtype)], dim=1
+        )
+        outputs = model.model.language_model(
+            inputs_embeds=model.get_input_embeddings()(completions.ids[:, :-1]),
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = torch.cat([hidden, outputs.last_hidden_state], dim=1)
+    log_probs, logp = _token_log_probs(model.lm_head(hidden), completions.ids)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return logp * completions.mask, entropy * completions.mask, completions.mask

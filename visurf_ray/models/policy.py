@@ -17,6 +17,7 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLForConditionalGeneration,
 )
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from visurf_ray.models.processor import ImageOnlyQwenVLProcessor
 
@@ -130,3 +131,17 @@ def load_policy(
     if incomplete:
         raise ValueError(f"weights in {folder} do not match the model: {incomplete}")
     return Policy(model=model.to(device), processor=_load_processor(folder))
+
+
+def use_input_dtype_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every Qwen2.5-VL RMSNorm of `model` (in place) by a `torch.nn.RMSNorm` sharing its weight: the same
+    function, computed in the input's dtype. transformers' RMSNorm computes in float32 whatever the model's dtype,
+    which rounds every gradient passing through it to float32; float64 identity checks need this swap (residuals
+    ~1e-13 instead of ~4e-8). Returns `model`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Qwen2_5_VLRMSNorm):
+            norm = torch.nn.RMSNorm(module.weight.shape, eps=module.variance_epsilon, dtype=module.weight.dtype)
+            norm.weight = module.weight
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, norm)
+    return model

@@ -30,6 +30,12 @@ class TinyVLMSpec:
     head_dim is text_hidden / text_heads (32 at the defaults): transformers' Qwen2.5-VL attention derives it from those
     two and ignores a separate head_dim, so it cannot be chosen independently. vLLM needs head_dim >= 64; for a tiny
     model served by vLLM use `TinyVLMSpec(text_heads=2, text_kv_heads=1)` (head_dim 64, same parameter count).
+
+    The vision defaults are what made the tiny model learn where objects are (measured, see
+    `visurf_ray.data.benchmark.BACKGROUND`): attention windows of one image token (as Qwen2.5-VL's windowed blocks,
+    without its full-attention blocks) keep each token's features local, and weights drawn with std 0.1 rather than
+    transformers' 0.02 give image tokens ~25x the norm of text embeddings, so they are not washed out in the
+    language model's residual stream; with the stock settings the column/row digits stayed at chance.
     """
 
     text_hidden: int = 128
@@ -46,6 +52,10 @@ class TinyVLMSpec:
     image_size: int = 112  # pixels per side: (112 / 14)² = 64 patches -> 16 image tokens
     vocab_size: int = 512  # BPE vocabulary before the answer-skeleton tokens (see train_tokenizer)
     max_positions: int = 4096  # tokens
+    rope_theta: float = 1_000_000.0  # the language model's (M-)RoPE base
+    vision_window: int = 28  # pixels per side of the vision tower's attention windows (28: one image token)
+    vision_full_attention_blocks: tuple[int, ...] = ()  # vision blocks attending across the whole image instead
+    vision_init_std: float = 0.1  # std of the vision tower's weight matrices at initialisation
 
     def __post_init__(self):
         for name in ("text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp", "vision_depth"):
@@ -61,6 +71,19 @@ class TinyVLMSpec:
                 f"TinyVLMSpec: head_dim = text_hidden / text_heads must be a multiple of 16 (M-RoPE "
                 f"splits it 2:3:3), got {self.head_dim}"
             )
+        token_pixels = self.patch_size * self.spatial_merge
+        if self.vision_window < token_pixels or self.vision_window % token_pixels:
+            raise ValueError(
+                f"TinyVLMSpec.vision_window ({self.vision_window}) must be a positive multiple of patch_size x "
+                f"spatial_merge ({token_pixels} pixels, one image token)"
+            )
+        if any(not 0 <= block < self.vision_depth for block in self.vision_full_attention_blocks):
+            raise ValueError(
+                f"TinyVLMSpec.vision_full_attention_blocks {self.vision_full_attention_blocks} must index vision "
+                f"blocks 0..{self.vision_depth - 1}"
+            )
+        if not self.vision_init_std > 0:
+            raise ValueError(f"TinyVLMSpec.vision_init_std must be > 0, got {self.vision_init_std}")
         if self.vision_hidden % self.vision_heads or (self.vision_hidden // self.vision_heads) % 4:
             raise ValueError(
                 f"TinyVLMSpec: vision_hidden ({self.vision_hidden}) / vision_heads ({self.vision_heads}) must be a "
@@ -105,7 +128,7 @@ def build_tiny_vlm(
         num_key_value_heads=spec.text_kv_heads,
         max_position_embeddings=spec.max_positions,
         max_window_layers=spec.text_layers,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": spec.mrope_section()},
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": spec.mrope_section()},
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -118,9 +141,9 @@ def build_tiny_vlm(
         patch_size=spec.patch_size,
         spatial_merge_size=spec.spatial_merge,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        window_size=spec.image_size,
+        window_size=spec.vision_window,
         out_hidden_size=spec.text_hidden,
-        fullatt_block_indexes=[spec.vision_depth - 1],
+        fullatt_block_indexes=list(spec.vision_full_attention_blocks),
     )
     config = Qwen2_5_VLConfig(
         text_config=text_config,
@@ -134,6 +157,10 @@ def build_tiny_vlm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
+        with torch.no_grad():
+            for weight in model.model.visual.parameters():
+                if weight.ndim > 1:  # matrices and the patch convolution; norms and biases keep their init
+                    weight.normal_(0.0, spec.vision_init_std)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     processor = ImageOnlyQwenVLProcessor(
         image_processor=build_image_processor(

@@ -17,9 +17,12 @@ from visurf_ray.data.sample import Sample
 from visurf_ray.models.inputs import (
     completion_logprobs,
     completion_logprobs_and_entropy,
+    encode_completions,
     encode_prompts,
     encode_sequences,
     image_features,
+    prompt_states,
+    shared_prompt_logprobs_and_entropy,
 )
 from visurf_ray.models.policy import Policy
 from visurf_ray.objectives.paradigms import ObjectiveConfig, Paradigm, stack_members
@@ -201,7 +204,7 @@ def train_step(
     weights = _loss_weights(lengths, chunks, objective.agg)
     device = policy.device
     loss_metrics: dict[str, float] = {}
-    entropy_sum = tokens = 0.0
+    entropy_sum = tokens = prompt_tokens = 0.0
     for chunk, weight in zip(chunks, weights):
         # One forward per length group (rows are independent, so the chunk's logp equals one padded forward's), then
         # the chunk's members back in member order for the paradigm's loss.
@@ -210,20 +213,41 @@ def train_step(
             [chunk.start + i for i in group]
             for group in length_groups(lengths[chunk], max_groups=length_groups_per_chunk)
         ]
-        # Each prompt's image is encoded once for all its members and passes (autograd sums their gradients into it).
+        # Each prompt (image and tokens) runs once for all its members and passes; autograd sums their gradients into
+        # it. Gradient checkpointing drops the key/value cache, so under it every member runs with its prompt.
         owners = sorted(set(prompt_index[chunk]))
-        features = dict(zip(owners, image_features(engine.module, prompts.select(owners))))
-        parts = []
-        for group in passes:
-            part = encode_sequences(
-                policy, prompts, [completion_ids[m] for m in group], [prompt_index[m] for m in group]
-            )
-            part = part.to(device)
-            group_logp, group_entropy, group_mask = completion_logprobs_and_entropy(engine.module, part, features)
-            group_ref = None
+        row_of = {owner: row for row, owner in enumerate(owners)}
+        chunk_prompts = prompts.select(owners)
+        features = image_features(engine.module, chunk_prompts)
+        share_prompts = not engine.module.is_gradient_checkpointing
+        prompt_lengths = chunk_prompts.attention_mask.sum(dim=1).tolist()
+        prompt_tokens += (
+            sum(prompt_lengths) if share_prompts else sum(prompt_lengths[row_of[p]] for p in prompt_index[chunk])
+        )
+        if share_prompts:
+            states = prompt_states(engine.module, chunk_prompts, features)
             if reference is not None:
                 with torch.no_grad():
-                    group_ref, _ = completion_logprobs(reference, part)
+                    reference_states = prompt_states(reference, chunk_prompts)
+        parts = []
+        for group in passes:
+            completions = [completion_ids[m] for m in group]
+            prompt_rows = [row_of[prompt_index[m]] for m in group]
+            group_ref = None
+            if share_prompts:
+                part = encode_completions(policy, completions, prompt_rows)
+                group_logp, group_entropy, group_mask = shared_prompt_logprobs_and_entropy(engine.module, states, part)
+                if reference is not None:
+                    with torch.no_grad():
+                        group_ref, _, _ = shared_prompt_logprobs_and_entropy(reference, reference_states, part)
+            else:
+                part = encode_sequences(policy, chunk_prompts, completions, prompt_rows).to(device)
+                group_logp, group_entropy, group_mask = completion_logprobs_and_entropy(
+                    engine.module, part, dict(enumerate(features))
+                )
+                if reference is not None:
+                    with torch.no_grad():
+                        group_ref, _ = completion_logprobs(reference, part)
             parts.append((group_logp, group_entropy, group_mask, group_ref))
         rows = torch.tensor([m - chunk.start for group in passes for m in group], device=device).argsort()
         logp, entropy, mask = (torch.cat([_pad_columns(p[i], width) for p in parts])[rows] for i in range(3))
@@ -270,6 +294,7 @@ def train_step(
     if paradigm.needs_label:
         metrics.update(_mean_of([g.label_components for g in groups], "label"))
     metrics["update_tokens"] = tokens
+    metrics["update_prompt_tokens"] = float(prompt_tokens)  # prompt tokens the update ran (once per prompt if shared)
     metrics["update_tokens_per_s"] = tokens / max(times["time/update"], 1e-9)
     metrics["step_time"] = sum(times.values())
     return metrics
