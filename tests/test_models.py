@@ -129,7 +129,7 @@ def test_build_is_deterministic_for_a_seed():
 
 def test_default_spec_matches_the_measured_tiny_model():
     spec = TinyVLMSpec()
-    assert (spec.head_dim, spec.image_tokens, spec.mrope_section()) == (32, 16, [4, 6, 6])
+    assert (spec.head_dim, spec.image_tokens, spec.mrope_section()) == (64, 16, [0, 16, 16])
     policy = build_tiny_vlm(CORPUS, spec)
     config = policy.model.config
     assert type(policy.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
@@ -141,11 +141,11 @@ def test_default_spec_matches_the_measured_tiny_model():
         TinyVLMSpec(text_hidden=96, text_heads=4)
 
 
-def test_vllm_compatible_spec_has_head_dim_64_and_runs():
-    spec = TinyVLMSpec(text_heads=2, text_kv_heads=1)
+def test_default_spec_has_vllms_head_dim_and_runs():
+    spec = TinyVLMSpec()
     policy = build_tiny_vlm(CORPUS, spec)
     attention = policy.model.model.language_model.layers[0].self_attn
-    assert spec.head_dim == attention.head_dim == 64 and spec.mrope_section() == [8, 12, 12]
+    assert spec.head_dim == attention.head_dim == 64 and spec.mrope_section() == [0, 16, 16]
     batch = encode_sequences(policy, encode_prompts(policy, IMAGES, QUESTIONS), [[40, 41], [42]], [0, 1])
     logp, _ = completion_logprobs(policy.model, batch)
     assert torch.isfinite(logp).all()

@@ -50,7 +50,7 @@ def vllm_setup(tmp_path_factory):
     from visurf_ray.models.tiny import TinyVLMSpec, build_tiny_vlm
 
     folder = tmp_path_factory.mktemp("vllm_policy")
-    build_tiny_vlm(text_corpus(seed=0, n=200), TinyVLMSpec(text_heads=2, text_kv_heads=1), seed=0, out_dir=folder)
+    build_tiny_vlm(text_corpus(seed=0, n=200), TinyVLMSpec(), seed=0, out_dir=folder)  # head_dim 64, as vLLM needs
     policy = load_policy(folder, dtype=torch.bfloat16, device="cuda")
     backend = VLLMRolloutBackend(policy, model_path=folder, gpu_memory_utilization=0.3, max_model_len=512)
     samples = make_split("posttrain", PROMPTS, seed=0)

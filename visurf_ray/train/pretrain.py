@@ -4,8 +4,9 @@ that builds it once per recipe.
 The base model is the starting point of every paradigm comparison: the answer format always right, never an answer
 it was not taught (`[]` for absent objects, "no defect"), and part of the boxes right. What made boxes learnable at
 all (measured; see `TinyVLMSpec` and `visurf_ray.data.benchmark.BACKGROUND`): a background that the image processor
-normalises to zero, per-token vision windows and a larger vision initialisation; the curriculum (1-object grounding
-first) then gets the column/row digits off chance within ~200 steps instead of a plateau of ~1,300.
+normalises to zero, per-token vision windows, a larger vision initialisation, and M-RoPE frequencies that give the
+image tokens' rows and columns; the curriculum (1-object grounding first) then gets the column/row digits off
+chance within ~200 steps instead of a plateau of ~1,300.
 Imports torch and transformers (through `visurf_ray.models`); never Ray.
 """
 
@@ -137,8 +138,8 @@ class PretrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     curriculum: tuple[CurriculumStage, ...] = (
-        CurriculumStage(150, ("grounding_single",), max_objects=1),
-        CurriculumStage(250, ("grounding_single", "grounding_multi")),
+        CurriculumStage(200, ("grounding_single",), max_objects=1),
+        CurriculumStage(350, ("grounding_single", "grounding_multi")),
     )
     length_groups: int = 3
     spec: TinyVLMSpec = field(default_factory=TinyVLMSpec)
