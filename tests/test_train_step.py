@@ -170,6 +170,36 @@ def test_length_groups_pad_each_group_to_its_own_longest():
         length_groups([3], max_groups=0)
 
 
+def float64_visurf_gradients(policy_dir, samples, answers, objective, *, checkpointing=False, on_policy=None, **step):
+    """Every parameter's gradient after one float64 ViSurf `train_step` from the saved weights (float64 norms:
+    transformers' RMSNorm would round gradients to float32). `on_policy(policy)` runs before the step (e.g. hooks)."""
+    policy = load_policy(policy_dir, dtype=torch.float64)
+    use_input_dtype_norms(policy.model)
+    if checkpointing:
+        policy.model.gradient_checkpointing_enable()
+    engine = make_engine(policy)
+    policy.model = engine.module
+    accumulated = {}
+    for name, parameter in policy.model.named_parameters():
+        parameter.register_post_accumulate_grad_hook(
+            lambda p, name=name, into=accumulated: into.__setitem__(name, p.grad.clone())
+        )
+    if on_policy is not None:
+        on_policy(policy)
+    train_step(
+        policy=policy,
+        engine=engine,
+        backend=ScriptedBackend(policy, lambda prompt: answers),
+        paradigm=get_paradigm("visurf"),
+        objective=objective,
+        samples=samples,
+        sampling=SamplingConfig(max_new_tokens=8),
+        seed=0,
+        **step,
+    )
+    return accumulated
+
+
 def test_length_grouped_forwards_give_the_same_gradient_as_one_padded_batch(small_policy_dir):
     """Long rollouts and a short label: the grouped step runs each chunk's prompts once and its completions in two
     passes against them, and accumulates the float64 policy's gradient exactly as one padded pass does, with and
@@ -180,31 +210,19 @@ def test_length_grouped_forwards_give_the_same_gradient_as_one_padded_batch(smal
     objective = ObjectiveConfig(paradigm="visurf", num_rollouts=3, agg="seq-mean-token-mean")
     gradients, forwards = {}, []
     for micro_batches, groups in ((1, 1), (1, 2), (2, 2)):
-        policy = load_policy(small_policy_dir, dtype=torch.float64)
-        use_input_dtype_norms(policy.model)
-        engine = make_engine(policy)
-        policy.model = engine.module
-        accumulated = {}
-        for name, parameter in policy.model.named_parameters():
-            parameter.register_post_accumulate_grad_hook(
-                lambda p, name=name, into=accumulated: into.__setitem__(name, p.grad.clone())
-            )
-        language_model = policy.model.model.language_model
-        hook = language_model.register_forward_hook(lambda module, args, output, n=micro_batches: forwards.append(n))
-        train_step(
-            policy=policy,
-            engine=engine,
-            backend=ScriptedBackend(policy, lambda prompt: answers),
-            paradigm=get_paradigm("visurf"),
-            objective=objective,
-            samples=samples,
-            sampling=SamplingConfig(max_new_tokens=8),
-            seed=0,
+
+        def count_passes(policy, n=micro_batches):
+            policy.model.model.language_model.register_forward_hook(lambda *_: forwards.append(n))
+
+        gradients[micro_batches, groups] = float64_visurf_gradients(
+            small_policy_dir,
+            samples,
+            answers,
+            objective,
+            on_policy=count_passes,
             micro_batches=micro_batches,
             length_groups_per_chunk=groups,
         )
-        hook.remove()
-        gradients[micro_batches, groups] = accumulated
     # language-model passes per step: micro_batches × (1 prompt pass + length groups)
     assert forwards == [1] * 2 + [1] * 3 + [2] * 6
     reference = gradients[1, 1]
@@ -227,31 +245,10 @@ def test_gradient_checkpointing_runs_every_member_with_its_prompt_and_gives_the_
     samples = make_split("posttrain", 2, seed=3)
     answers = ["<think>here</think><answer>[]</answer>", "<answer>[]</answer>"]
     objective = ObjectiveConfig(paradigm="visurf", num_rollouts=2)
-    gradients = []
-    for checkpointing in (False, True):
-        policy = load_policy(small_policy_dir, dtype=torch.float64)
-        use_input_dtype_norms(policy.model)
-        if checkpointing:
-            policy.model.gradient_checkpointing_enable()
-        engine = make_engine(policy)
-        policy.model = engine.module
-        accumulated = {}
-        for name, parameter in policy.model.named_parameters():
-            parameter.register_post_accumulate_grad_hook(
-                lambda p, name=name, into=accumulated: into.__setitem__(name, p.grad.clone())
-            )
-        train_step(
-            policy=policy,
-            engine=engine,
-            backend=ScriptedBackend(policy, lambda prompt: answers),
-            paradigm=get_paradigm("visurf"),
-            objective=objective,
-            samples=samples,
-            sampling=SamplingConfig(max_new_tokens=8),
-            seed=0,
-        )
-        gradients.append(accumulated)
-    shared, checkpointed = gradients
+    shared, checkpointed = (
+        float64_visurf_gradients(small_policy_dir, samples, answers, objective, checkpointing=checkpointing)
+        for checkpointing in (False, True)
+    )
     assert shared.keys() == checkpointed.keys() and max(float(g.abs().max()) for g in shared.values()) > 1e-4
     for name in shared:
         torch.testing.assert_close(
