@@ -25,7 +25,8 @@ from visurf_ray.models.tokenizer import train_tokenizer
 
 @dataclass(frozen=True)
 class TinyVLMSpec:
-    """Sizes of the tiny Qwen2.5-VL (defaults: ~1.5M parameters, the measured learnable setting in DESIGN.md).
+    """Sizes of the tiny Qwen2.5-VL (defaults: 1,651,744 parameters; the settings that make it learn where objects are
+    differ from DESIGN.md's, see below).
 
     head_dim is text_hidden / text_heads (64 at the defaults, as vLLM needs): transformers' Qwen2.5-VL attention
     derives it from those two and ignores a separate head_dim, so it cannot be chosen independently.
