@@ -90,6 +90,18 @@ def test_make_split_is_a_prefix_of_the_endless_stream():
     assert next(stream).id == "posttrain/7/25"
 
 
+def test_where_filters_before_rendering_and_keeps_stream_ids():
+    unfiltered = list(itertools.islice(iter_split("pretrain", 2), 60))
+    wanted = [s for s in unfiltered if s.meta["kind"] == "count"]
+    seen = []
+    filtered = iter_split("pretrain", 2, where=lambda meta: seen.append(meta["kind"]) or meta["kind"] == "count")
+    kept = list(itertools.islice(filtered, len(wanted)))
+    assert [s.id for s in kept] == [s.id for s in wanted]
+    assert [fingerprint(s) for s in kept] == [fingerprint(s) for s in wanted]
+    assert [s.meta for s in kept] == [s.meta for s in wanted]
+    assert seen == [s.meta["kind"] for s in unfiltered[: int(wanted[-1].id.rsplit("/", 1)[1]) + 1]]
+
+
 def test_every_solution_scores_the_verifier_maximum(splits):
     assert set(TASKS) == set(VERIFIERS)
     for samples in splits.values():

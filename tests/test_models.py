@@ -1,11 +1,13 @@
 """visurf_ray.models: tokenizer; tiny Qwen2.5-VL build -> save -> load -> forward/backward -> generate; log-probs."""
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
 from visurf_ray.models import (
     ANSWER_SKELETON_TOKENS,
@@ -28,6 +30,7 @@ from visurf_ray.models.inputs import (
     shared_prompt_logprobs_and_entropy,
 )
 from visurf_ray.models.policy import use_input_dtype_norms
+from visurf_ray.models.vision_attention import BatchedWindowVisionAttention
 
 CORPUS = [
     "Locate the red square in the image. Output its bbox and a point inside it in JSON.",
@@ -313,6 +316,42 @@ def test_completion_logprobs_do_not_depend_on_padding(policy, dtype, tolerance):
         logp_padded, _ = completion_logprobs(model, batch)
     assert not batch.attention_mask[1, 0] and not batch.attention_mask[1, -1]  # padded on both sides
     torch.testing.assert_close(logp_padded[1, :3], logp_alone[0], rtol=0, atol=tolerance)
+
+
+def test_batched_vision_windows_equal_transformers_per_window_attention_in_float64():
+    """Windows of several lengths, interleaved (a 56-pixel window over 112x112 and 84x140 images), and a
+    full-attention block: the batched attention gives transformers' per-window loop's features and gradients."""
+    spec = dataclasses.replace(SMALL, vision_depth=2, vision_window=56, vision_full_attention_blocks=(1,))
+    policy = build_tiny_vlm(CORPUS, spec, seed=0)
+    visual = policy.model.model.visual.double()
+    attentions = [module for module in visual.modules() if isinstance(module, Qwen2_5_VLVisionAttention)]
+    assert attentions and all(type(module) is BatchedWindowVisionAttention for module in attentions)
+    window_lengths = set()
+    attentions[0].register_forward_pre_hook(
+        lambda module, args, kwargs: window_lengths.update(kwargs["cu_seqlens"].diff().tolist()), with_kwargs=True
+    )
+    prompts = encode_prompts(policy, [IMAGES[0], shapes_image("green", (7, 7, 35, 49), size=(84, 140))], QUESTIONS)
+
+    def features_and_gradients():
+        visual.zero_grad()
+        features = visual(prompts.pixel_values.double(), grid_thw=prompts.image_grid_thw).pooler_output
+        (features * torch.linspace(-1, 1, features.numel(), dtype=torch.float64).view_as(features)).sum().backward()
+        return features.detach(), {name: p.grad.clone() for name, p in visual.named_parameters()}
+
+    batched, batched_grads = features_and_gradients()
+    assert len(window_lengths) >= 3
+    for module in attentions:
+        module.__class__ = Qwen2_5_VLVisionAttention
+    looped, looped_grads = features_and_gradients()
+    torch.testing.assert_close(batched, looped, rtol=0, atol=1e-12)
+    for name, grad in looped_grads.items():
+        torch.testing.assert_close(batched_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert any(grad.abs().max() > 0 for grad in looped_grads.values())
+
+
+def test_loaded_policies_batch_their_vision_windows(policy):
+    kinds = {type(m) for m in policy.model.modules() if isinstance(m, Qwen2_5_VLVisionAttention)}
+    assert kinds == {BatchedWindowVisionAttention}
 
 
 def test_forward_backward_gives_finite_gradients_everywhere(policy):

@@ -102,6 +102,18 @@ def test_raw_label_is_the_solution_verbatim_without_thinking():
         label_completion("grounding", "[{}]", [COMPACT], align=False)
 
 
+def test_label_with_a_reasoning_trace_puts_it_in_the_think_block():
+    aligned = label_completion("grounding", SOLUTION, [SPACED], align=True, reasoning="It is at column 1, row 2.")
+    assert aligned == label_completion("grounding", SOLUTION, [SPACED], align=True).replace(
+        "<think></think>", "<think>It is at column 1, row 2.</think>"
+    )
+    raw = label_completion("grounding", SOLUTION, [SPACED], align=False, reasoning="r")
+    assert raw == f"<think>r</think><answer>{SOLUTION}</answer>"
+    assert rewards.score("grounding", raw, SOLUTION)["thinking_format"] == 1.0
+    with pytest.raises(ValueError, match="reasoning"):
+        label_completion("grounding", SOLUTION, [SPACED], align=True, reasoning=["r"])
+
+
 def test_eliminate_thinking_reward_zeroes_only_the_thinking_part():
     label = label_completion("grounding", SOLUTION, [COMPACT], align=True)
     components = rewards.score("grounding", label, SOLUTION)

@@ -51,11 +51,12 @@ def test_default_sweep_covers_every_paradigm_and_ablation():
     assert paradigms == {"sft", "rlvr", "sft_rlvr", "visurf"}
     visurf = [sweep.trial_config({"variant": v, "seed": 0}).objective for v in sweep.variants]
     visurf = [o for o in visurf if o.paradigm == "visurf"]
-    assert {(o.align_label, o.eliminate_label_thinking, o.smoothing) for o in visurf} == {
-        (True, True, True),
-        (False, True, True),
-        (True, False, True),
-        (True, True, False),
+    assert {(o.align_label, o.eliminate_label_thinking, o.smoothing, o.label_reasoning) for o in visurf} == {
+        (True, True, True, False),
+        (False, True, True, False),
+        (True, False, True, False),
+        (True, True, False, False),
+        (True, True, True, True),
     }
     assert len(sweep.seeds) >= 2
 
@@ -198,4 +199,9 @@ def test_full_default_sweep(monkeypatch):
     import pandas as pd
 
     results = pd.read_parquet(out_dir / "results.parquet")
-    assert results["trial_id"].nunique() == 14
+    sweep = load_sweep(DEFAULT_SWEEP)
+    assert results["trial_id"].nunique() == len(sweep.variants) * len(sweep.seeds) == 16
+    scores = results[results["metric"] == "score"].groupby(["variant", "seed"])["eval_set"].nunique()
+    assert set(scores.index) == {(v, seed) for v in sweep.variants for seed in sweep.seeds}
+    assert (scores == 5).all()  # grounding, gui_point, anomaly, retained/count and their mean
+    assert results["value"].notna().all()

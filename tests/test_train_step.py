@@ -5,6 +5,7 @@ rollout backend that returns chosen completion texts (the step, not the sampler,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm
 from visurf_ray.rollout.base import Rollouts, SamplingConfig
 from visurf_ray.rollout.hf import HFRolloutBackend
 from visurf_ray.train.engine import build_engine
-from visurf_ray.train.step import length_groups, train_step
+from visurf_ray.train.step import length_groups, score_groups, train_step
 
 
 class ScriptedBackend:
@@ -48,6 +49,23 @@ class ScriptedBackend:
 def grounding_samples(n):
     samples = [s for s in make_split("posttrain", 200, seed=3) if s.task == "grounding" and s.solution != "[]"]
     return samples[:n]
+
+
+def test_label_reasoning_gives_each_label_its_samples_reasoning():
+    samples = grounding_samples(2)
+    texts = ['<think>x</think><answer>[{"bbox_2d": [1, 2, 3, 4], "point_2d": [2, 3]}]</answer>'] * 4
+    rollouts = Rollouts([[1]] * 4, [0, 0, 1, 1], texts, old_logp=None)
+    plain = score_groups(samples, rollouts, ObjectiveConfig(), needs_label=True)
+    reasoned = score_groups(samples, rollouts, ObjectiveConfig(label_reasoning=True), needs_label=True)
+    for sample, without, with_reasoning in zip(samples, plain, reasoned):
+        assert without.label_text.startswith("<think></think>")
+        assert with_reasoning.label_text == without.label_text.replace(
+            "<think></think>", f"<think>{sample.meta['think']}</think>"
+        )
+        assert with_reasoning.label_components == without.label_components  # thinking reward eliminated in both
+    bare = dataclasses.replace(samples[1], meta={k: v for k, v in samples[1].meta.items() if k != "think"})
+    with pytest.raises(ValueError, match=f"{bare.id}.*reasoning"):
+        score_groups([samples[0], bare], rollouts, ObjectiveConfig(label_reasoning=True), needs_label=True)
 
 
 def make_engine(policy, *, deepspeed=False, lr=1e-3):

@@ -570,8 +570,12 @@ def _is_heldout(key: str) -> bool:
     return hashlib.blake2b(key.encode(), digest_size=2).digest()[0] % HELDOUT_BUCKETS == 0
 
 
-def iter_split(name: str, seed: int) -> Iterator[Sample]:
-    """Endless stream of split `name`'s items for `seed` (a non-negative int); item i is the same in every call."""
+def iter_split(name: str, seed: int, where: Callable[[Mapping], bool] | None = None) -> Iterator[Sample]:
+    """Endless stream of split `name`'s items for `seed` (a non-negative int); item i is the same in every call.
+
+    where: keep only items whose meta (as `Sample.meta`) it accepts, called as each item is drawn and before its
+    image is rendered (cheap filtering); kept items keep their ids, i.e. their index in the unfiltered stream.
+    """
     mix = split_mix(name)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -586,6 +590,9 @@ def iter_split(name: str, seed: int) -> Iterator[Sample]:
             draft = KINDS[kind].generate(rng, mix.colours)
             if _is_heldout(draft.key) == mix.heldout:
                 break
+        meta = {**draft.meta, "question": draft.question, "think": draft.think}
+        if where is not None and not where(meta):
+            continue
         yield Sample(
             id=f"{name}/{seed}/{index}",
             task=KINDS[kind].task,
@@ -594,7 +601,7 @@ def iter_split(name: str, seed: int) -> Iterator[Sample]:
             solution=draft.solution,
             img_height=IMAGE_SIZE,
             img_width=IMAGE_SIZE,
-            meta={**draft.meta, "question": draft.question, "think": draft.think},
+            meta=meta,
         )
 
 

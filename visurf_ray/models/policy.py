@@ -20,6 +20,7 @@ from transformers import (
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from visurf_ray.models.processor import ImageOnlyQwenVLProcessor
+from visurf_ray.models.vision_attention import batch_vision_windows
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def load_policy(
     incomplete = {key: loading_info[key] for key in ("missing_keys", "mismatched_keys") if loading_info.get(key)}
     if incomplete:
         raise ValueError(f"weights in {folder} do not match the model: {incomplete}")
-    return Policy(model=model.to(device), processor=_load_processor(folder))
+    return Policy(model=batch_vision_windows(model).to(device), processor=_load_processor(folder))
 
 
 def use_input_dtype_norms(model: torch.nn.Module) -> torch.nn.Module:

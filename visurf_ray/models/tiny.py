@@ -21,6 +21,7 @@ from transformers import (
 from visurf_ray.models.policy import Policy
 from visurf_ray.models.processor import TEMPORAL_PATCH_SIZE, ImageOnlyQwenVLProcessor, build_image_processor
 from visurf_ray.models.tokenizer import train_tokenizer
+from visurf_ray.models.vision_attention import batch_vision_windows
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ def build_tiny_vlm(
             for weight in model.model.visual.parameters():
                 if weight.ndim > 1:  # matrices and the patch convolution; norms and biases keep their init
                     weight.normal_(0.0, spec.vision_init_std)
+    batch_vision_windows(model)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     processor = ImageOnlyQwenVLProcessor(
         image_processor=build_image_processor(

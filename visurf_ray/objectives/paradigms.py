@@ -71,9 +71,11 @@ class ObjectiveConfig:
     clip_high > 0. agg: loss aggregation over tokens and sequences (losses.AGGREGATIONS). unbiased_std /
     normalize_std / eps: group normalisation (advantages.group_advantages). smoothing: ViSurf reward control 3, applied
     here. align_label / eliminate_label_thinking: ViSurf reward controls 1 and 2, applied by the trainer to the label
-    text and its reward components before the rewards reach this package. kl_coef / kl_kind: KL(π_θ ‖ π_ref) penalty
-    weight (>= 0, 0 = off) and estimator (losses.KL_ESTIMATORS). sft_share: for sft_rlvr, the fraction of optimizer
-    steps spent in SFT, in [0, 1].
+    text and its reward components before the rewards reach this package. label_reasoning: the label's think block
+    holds the sample's reasoning trace (`Sample.meta["think"]`, which the offline benchmark provides) instead of
+    nothing; off in the paper, whose labels have no reasoning (an ablation for policies that reason before answering).
+    kl_coef / kl_kind: KL(π_θ ‖ π_ref) penalty weight (>= 0, 0 = off) and estimator (losses.KL_ESTIMATORS).
+    sft_share: for sft_rlvr, the fraction of optimizer steps spent in SFT, in [0, 1].
     """
 
     paradigm: str = "visurf"
@@ -87,6 +89,7 @@ class ObjectiveConfig:
     smoothing: bool = True
     align_label: bool = True
     eliminate_label_thinking: bool = True
+    label_reasoning: bool = False
     kl_coef: float = 0.0
     kl_kind: str = "low_var_kl"
     sft_share: float = 0.5
@@ -105,7 +108,14 @@ class ObjectiveConfig:
             )
         check_clip_range(self.clip_low, self.clip_high)
         get_aggregation(self.agg)
-        for name in ("unbiased_std", "normalize_std", "smoothing", "align_label", "eliminate_label_thinking"):
+        for name in (
+            "unbiased_std",
+            "normalize_std",
+            "smoothing",
+            "align_label",
+            "eliminate_label_thinking",
+            "label_reasoning",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_number("eps", self.eps, low=0.0)

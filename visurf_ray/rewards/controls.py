@@ -15,7 +15,8 @@ Aligning (our reading of the paper's "rewrite the label in the style of the poli
   detected decimals only when that text parses back to the same value, else as in the solution.
 - `label_completion(..., align=True)` is `<think></think>{separator}<answer>{aligned solution}</answer>`: the label
   has no reasoning, but its template matches the rollouts'. With align=False it is the raw label
-  `<answer>{solution}</answer>`, the dataset's solution verbatim with no think block.
+  `<answer>{solution}</answer>`, the dataset's solution verbatim with no think block. Given a `reasoning` trace (not
+  the paper's setting; `ObjectiveConfig.label_reasoning`), the think block holds it in both forms.
 Eliminating the thinking reward: `eliminate_thinking_reward` sets the label's `thinking_format` to 0 and recomputes
 `overall` as the sum of the other components; the label's reasoning is learnt only from the rollouts.
 """
@@ -164,16 +165,24 @@ def serialize_answer(task: str, solution: str, style: AnswerStyle) -> str:
     return f"{BOXED}{parsed}}}" if style.boxed else parsed
 
 
-def label_completion(task: str, solution: str, rollouts: Sequence[str], *, align: bool) -> str:
+def label_completion(
+    task: str, solution: str, rollouts: Sequence[str], *, align: bool, reasoning: str | None = None
+) -> str:
     """The label as a completion string: aligned to the rollouts' style, or the raw solution (module docstring).
 
     rollouts: the G completions of the same prompt (used only with align=True).
+    reasoning: a reasoning trace to put in the label's think block (ViSurf's labels have none: None). With
+        align=False it adds `<think>{reasoning}</think>` before the raw answer.
     """
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise ValueError(f"reasoning must be a str or None, got {type(reasoning).__name__}")
+    think = "" if reasoning is None else f"<think>{reasoning}</think>"
     if not align:
         get_verifier(task).parse_solution(solution)
-        return f"<answer>{solution}</answer>"
+        return f"{think}<answer>{solution}</answer>"
     style = detect_style(task, rollouts)
-    return f"<think></think>{style.think_answer_separator}<answer>{serialize_answer(task, solution, style)}</answer>"
+    think = think or "<think></think>"
+    return f"{think}{style.think_answer_separator}<answer>{serialize_answer(task, solution, style)}</answer>"
 
 
 def eliminate_thinking_reward(components: Mapping[str, float]) -> dict[str, float]:

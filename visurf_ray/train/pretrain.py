@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from visurf_ray.rewards import get_verifier, score
 from visurf_ray.rewards.metrics import mask_overlap
 from visurf_ray.train.evaluate import evaluate, greedy_answers
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 """Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
 
 REPORT_FILE = "pretrain_report.json"
@@ -109,8 +109,9 @@ class CurriculumStage:
                 f"got unknown {unknown}"
             )
 
-    def admits(self, sample: Sample) -> bool:
-        return sample.meta["kind"] in self.kinds and sample.meta.get("objects", 1) <= self.max_objects
+    def admits(self, meta: Mapping) -> bool:
+        """Whether an item with this `Sample.meta` belongs to the stage."""
+        return meta["kind"] in self.kinds and meta.get("objects", 1) <= self.max_objects
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     curriculum: tuple[CurriculumStage, ...] = (
         CurriculumStage(200, ("grounding_single",), max_objects=1),
-        CurriculumStage(350, ("grounding_single", "grounding_multi")),
+        CurriculumStage(320, ("grounding_single", "grounding_multi")),
     )
     length_groups: int = 3
     spec: TinyVLMSpec = field(default_factory=TinyVLMSpec)
@@ -201,12 +202,13 @@ class PretrainConfig:
 def training_batches(cfg: PretrainConfig) -> Iterator[list[Sample]]:
     """`cfg.steps` batches of `cfg.batch_size` items of `iter_split("pretrain", cfg.seed)`, in stream order; during
     each stage of `cfg.curriculum` the stream skips the items its stage does not admit (they are not used later)."""
-    stream = iter_split("pretrain", cfg.seed)
     stage_ends = list(itertools.accumulate(stage.steps for stage in cfg.curriculum))
+    stage = None
+    # the filter reads `stage` as each item is drawn, i.e. the stage of the step being filled (no look-ahead)
+    stream = iter_split("pretrain", cfg.seed, where=lambda meta: stage is None or stage.admits(meta))
     for step in range(cfg.steps):
         stage = next((s for s, end in zip(cfg.curriculum, stage_ends) if step < end), None)
-        source = stream if stage is None else (sample for sample in stream if stage.admits(sample))
-        yield list(itertools.islice(source, cfg.batch_size))
+        yield list(itertools.islice(stream, cfg.batch_size))
 
 
 def target_ids(policy: Policy, sample: Sample) -> list[int]:

@@ -40,11 +40,23 @@ class ScoredGroup:
     label_components: dict[str, float] | None
 
 
+def label_reasoning(sample: Sample) -> str:
+    """The sample's reasoning trace for its label (`objective.label_reasoning`); ValueError naming the sample if it
+    has none (the offline benchmark's samples do; the ViSurf training rows do not)."""
+    if not isinstance(sample.meta.get("think"), str):
+        raise ValueError(
+            f"sample {sample.id!r} has no reasoning trace (meta['think']): objective.label_reasoning needs one per "
+            "sample; the offline benchmark provides it, rows loaded from files do not"
+        )
+    return sample.meta["think"]
+
+
 def score_groups(
     samples: list[Sample], rollouts: Rollouts | None, objective: ObjectiveConfig, needs_label: bool
 ) -> list[ScoredGroup]:
     """Score every rollout with its task's verifier, build each label completion (aligned to its own group's rollouts
-    when `objective.align_label`) and score it (thinking reward eliminated when `objective.eliminate_label_thinking`).
+    when `objective.align_label`, with the sample's reasoning when `objective.label_reasoning`) and score it (thinking
+    reward eliminated when `objective.eliminate_label_thinking`).
     """
     groups = []
     for index, sample in enumerate(samples):
@@ -53,7 +65,13 @@ def score_groups(
         rollout_components = [rewards.score(sample.task, text, sample.solution, image_size=size) for text in texts]
         label_text = label_components = None
         if needs_label:
-            label_text = label_completion(sample.task, sample.solution, texts, align=objective.align_label)
+            label_text = label_completion(
+                sample.task,
+                sample.solution,
+                texts,
+                align=objective.align_label,
+                reasoning=label_reasoning(sample) if objective.label_reasoning else None,
+            )
             label_components = rewards.score(sample.task, label_text, sample.solution, image_size=size)
             if objective.eliminate_label_thinking:
                 label_components = eliminate_thinking_reward(label_components)
