@@ -156,7 +156,7 @@ def group_outcome(rollout_rewards: Sequence[float], label_reward: float, rollout
 def _groups_from_rollouts(
     policy: Policy, samples: list[Sample], rollouts: Rollouts, cfg: GradientCheckConfig
 ) -> list[Group]:
-    scored = score_groups(samples, rollouts, cfg.objective(), needs_label=True)
+    scored = score_groups(samples, rollouts, cfg.objective(), get_paradigm("visurf"))
     labels = label_token_ids(policy, [group.label_text for group in scored])
     groups = []
     for index, (sample, group, label_ids) in enumerate(zip(samples, scored, labels)):

@@ -1,8 +1,10 @@
 """Sweep results as tidy pandas tables, the paper-style summary, and plots.
 
 `experiments/sweep.py` writes `results/<experiment>/results.{csv,parquet}` (one row per trial × eval set × metric,
-config columns flattened as `config/<dotted key>`) and `history.{csv,parquet}` (one row per trial × training step);
-`load_results` / `load_history` read them back for notebooks. Imports pandas and matplotlib; never Ray.
+config columns flattened as `config/<dotted key>`), `history.{csv,parquet}` (one row per trial × training step) and
+`items.{csv,parquet}` (one row per trial × evaluation step × eval item: its slice and per-item values, what
+`analysis.intervals` bootstraps); `load_results` / `load_history` / `load_items` read them back for notebooks.
+Imports pandas and matplotlib; never Ray.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ import pandas as pd
 
 PARADIGM_ORDER = ("sft", "rlvr", "sft_rlvr", "visurf")
 PARADIGM_NAMES = {"sft": "SFT", "rlvr": "RLVR", "sft_rlvr": "SFT-RLVR", "visurf": "ViSurf"}
-CURVES = ("rollout/overall", "label/overall", "label_advantage_mean", "all_fail_fraction", "smoothing_fired_fraction")
+CURVES = (
+    "rollout/overall",
+    "label/overall",
+    "label_advantage_mean",
+    "all_fail_fraction",
+    "smoothing_fired_fraction",
+    "smoothing_condition_fraction",
+    "eval/grounding/logp_empty_no_object",
+    "eval/grounding/logp_empty_object",
+)
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -54,8 +65,12 @@ def tidy_trial(
 
 
 def tidy_history(trial_id: str, variant: str, seed: int, history: pd.DataFrame) -> pd.DataFrame:
-    """A trial's per-step reports (Tune's metrics dataframe) reduced to step, prompts seen and training curves."""
-    keep = ["step", "prompts_seen", "generated_tokens", "step_time", *CURVES, "loss", "entropy", "eval/mean_score"]
+    """A trial's per-step reports (Tune's metrics dataframe) reduced to step, prompts seen, time, training curves and
+    the latest evaluation's metrics (`eval/...`, with `eval_step` saying which step it evaluated)."""
+    keep = ["step", "prompts_seen", "generated_tokens", "step_time", "generated_tokens_total", "train_time_total"]
+    keep += ["eval_time_total"]
+    keep += [*CURVES, "lr", "loss", "entropy", "eval_step"]
+    keep += [c for c in history.columns if c.startswith("eval/") and c not in keep]
     frame = history[[c for c in keep if c in history.columns]].copy()
     frame.insert(0, "trial_id", trial_id)
     frame.insert(1, "variant", variant)
@@ -63,10 +78,25 @@ def tidy_history(trial_id: str, variant: str, seed: int, history: pd.DataFrame) 
     return frame
 
 
-def write_tables(results: pd.DataFrame, history: pd.DataFrame, out_dir: Path) -> None:
-    """CSV and parquet copies of both tables (each written to a temporary name, then renamed into place)."""
+def tidy_items(trial_id: str, variant: str, paradigm: str, seed: int, rows: Iterable[Mapping]) -> pd.DataFrame:
+    """A trial's per-item evaluation rows (`visurf_ray.train.loop.EVAL_ITEMS`: step, eval_set, item_id, task, slice
+    and item values) as a table with trial columns first; for a (step, eval_set, item_id) written twice (a resumed
+    trial evaluates a step again) the last row is kept."""
+    frame = pd.DataFrame(list(rows))
+    if frame.empty:
+        raise ValueError(f"trial {trial_id!r} wrote no evaluation items")
+    frame = frame.drop_duplicates(["step", "eval_set", "item_id"], keep="last").reset_index(drop=True)
+    for position, (name, value) in enumerate(
+        (("trial_id", trial_id), ("variant", variant), ("paradigm", paradigm), ("seed", seed))
+    ):
+        frame.insert(position, name, value)
+    return frame
+
+
+def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path) -> None:
+    """CSV and parquet copies of each named table (each written to a temporary name, then renamed into place)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("results", results), ("history", history)):
+    for name, frame in tables.items():
         for suffix, write in (
             (".csv", lambda f, p: f.to_csv(p, index=False)),
             (".parquet", lambda f, p: f.to_parquet(p, index=False)),
@@ -85,6 +115,11 @@ def load_history(results_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(results_dir) / "history.parquet")
 
 
+def load_items(results_dir: str | Path) -> pd.DataFrame:
+    """The per-item evaluation table of a sweep folder."""
+    return pd.read_parquet(Path(results_dir) / "items.parquet")
+
+
 def variant_order(variants: Iterable[str], paradigm_of: Mapping[str, str]) -> list[str]:
     """Paper order: SFT, RLVR, SFT→RLVR, ViSurf, then ablations (other ViSurf variants) by name."""
 
@@ -94,20 +129,6 @@ def variant_order(variants: Iterable[str], paradigm_of: Mapping[str, str]) -> li
         return (position, variant != PARADIGM_NAMES.get(paradigm, variant), variant)
 
     return sorted(set(variants), key=rank)
-
-
-def paper_table(results: pd.DataFrame, metric: str = "score") -> pd.DataFrame:
-    """Rows: variants in paper order; columns: eval sets then "mean"; cells "mean ± std" over seeds of `metric`."""
-    chosen = results[results["metric"] == metric]
-    stats = chosen.groupby(["variant", "eval_set"])["value"].agg(["mean", "std", "count"]).reset_index()
-    paradigm_of = dict(zip(results["variant"], results["paradigm"]))
-    sets = [s for s in dict.fromkeys(chosen["eval_set"]) if s != "mean"] + ["mean"]
-    table = pd.DataFrame(index=variant_order(chosen["variant"], paradigm_of), columns=sets, dtype=object)
-    for row in stats.itertuples():
-        spread = "" if row.count < 2 or math.isnan(row.std) else f" ± {row.std:.3f}"
-        table.loc[row.variant, row.eval_set] = f"{row.mean:.3f}{spread}"
-    table.index.name = f"{metric} (mean ± std over seeds)"
-    return table.fillna("–")
 
 
 def plot_curves(history: pd.DataFrame, out_path: Path) -> Path:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from visurf_ray.config import ConfigError  # noqa: E402
-from visurf_ray.sweep import load_sweep  # noqa: E402
+from visurf_ray.sweep import RUN_NAME, load_sweep  # noqa: E402
 
 DEFAULT_SWEEP = Path(__file__).parent / "configs" / "sweep_tiny.yaml"
 
@@ -64,24 +64,34 @@ def connect_ray() -> str:
         return "started a local Ray cluster on 127.0.0.1"
 
 
-def collect(sweep, result_grid):
-    """Tidy results and history tables from Tune's ResultGrid."""
+def collect(sweep, result_grid) -> dict:
+    """Tidy results, history and per-item evaluation tables from Tune's ResultGrid (items from each trial's
+    `train/eval_items.jsonl`, which `visurf_ray.sweep.run_trial`'s loop writes)."""
+    import json
+
     import pandas as pd
 
-    from analysis.results import tidy_history, tidy_trial
+    from analysis.results import tidy_history, tidy_items, tidy_trial
+    from visurf_ray.train.loop import EVAL_ITEMS
 
-    results, histories = [], []
+    results, histories, items = [], [], []
     for result in result_grid:
-        if result.metrics is None or not result.config:
+        if result.error is not None or result.metrics is None or not result.config:
             continue
         params = result.config
         trial_id = Path(result.path).name
         config = sweep.trial_config(params).to_dict()
-        results.append(tidy_trial(trial_id, params["variant"], config, result.metrics))
-        histories.append(tidy_history(trial_id, params["variant"], params["seed"], result.metrics_dataframe))
+        variant, paradigm = params["variant"], config["objective"]["paradigm"]
+        results.append(tidy_trial(trial_id, variant, config, result.metrics))
+        histories.append(tidy_history(trial_id, variant, params["seed"], result.metrics_dataframe))
+        with open(Path(result.path) / RUN_NAME / EVAL_ITEMS) as rows:
+            items.append(tidy_items(trial_id, variant, paradigm, params["seed"], map(json.loads, rows)))
     if not results:
         raise RuntimeError("no trial reported any result; see the trial logs under the Tune experiment folder")
-    return pd.concat(results, ignore_index=True), pd.concat(histories, ignore_index=True)
+    return {
+        name: pd.concat(frames, ignore_index=True)
+        for name, frames in (("results", results), ("history", histories), ("items", items))
+    }
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
     except ConfigError as error:
         parser.error(str(error))
 
-    from analysis.results import paper_table, plot_curves, plot_task_bars, write_tables
+    from analysis.report import sweep_report
+    from analysis.results import plot_curves, plot_task_bars, write_tables
     from visurf_ray.config import TINY_BASE_MODEL, load_config
     from visurf_ray.sweep import build_tuner
 
@@ -112,15 +123,16 @@ def main(argv: list[str] | None = None) -> Path:
     result_grid = build_tuner(sweep, storage, restore=not args.fresh).fit()
     errors = [r for r in result_grid if r.error is not None]
 
-    results, history = collect(sweep, result_grid)
+    tables = collect(sweep, result_grid)
+    results, history = tables["results"], tables["history"]
     out_dir = (ROOT / sweep.output_dir / sweep.name).resolve()
-    write_tables(results, history, out_dir)
-    table = paper_table(results)
-    (out_dir / "summary.md").write_text(f"# {sweep.name}\n\n```\n{table.to_string()}\n```\n")
+    write_tables(tables, out_dir)
+    report = sweep_report(results, history, tables["items"])
+    (out_dir / "summary.md").write_text(f"# {sweep.name}\n\n{report}")
     plot_curves(history, out_dir / "curves.png")
     plot_task_bars(results, out_dir / "tasks.png")
     wall, peak = time.perf_counter() - started, memory.stop()
-    print(f"\n{table.to_string()}\n")
+    print(f"\n{report}")
     print(
         f"{len(results['trial_id'].unique())} trials, {len(errors)} failed; wall {wall / 60:.1f} min, "
         f"peak memory {peak / 2**30:.2f} GiB above the start"

@@ -7,6 +7,7 @@ scene back from the pixels and re-derives the answer from the question.
 import itertools
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ from visurf_ray.data.benchmark import (
     UNSEEN_COLOUR,
     iter_split,
     make_split,
+    make_stratified_split,
     split_names,
+    split_slices,
     target_text,
     text_corpus,
 )
@@ -225,12 +228,12 @@ def test_posttrain_adds_no_object_queries_the_unseen_colour_and_clean_textures(s
     assert any(s.meta.get("no_object") for s in post) and any(s.solution == "[]" for s in post)
     assert any(s.meta.get("attribute") == UNSEEN_COLOUR for s in post)
     assert any(UNSEEN_COLOUR in s.problem for s in post) and any(shows_purple(s) for s in post)
-    assert any(s.solution == '{"defect": false}' for s in post)
+    assert any(s.solution == '{"defect":false}' for s in post)
     assert {s.task for s in post} == {"grounding", "gui_point", "anomaly"}
 
     assert not any(s.meta.get("no_object") or s.solution == "[]" for s in pre)
     assert not any(UNSEEN_COLOUR in s.problem or UNSEEN_COLOUR in s.meta["think"] or shows_purple(s) for s in pre)
-    assert not any(s.solution == '{"defect": false}' for s in pre)
+    assert not any(s.solution == '{"defect":false}' for s in pre)
     assert {s.task for s in pre} == set(TASKS)
     assert {s.meta.get("attribute") for s in pre} <= {*SEEN_COLOURS, None}
 
@@ -304,3 +307,40 @@ def test_kinds_are_registered_under_their_task():
     assert {kind.task for kind in benchmark.KINDS.values()} == set(TASKS)
     assert set(benchmark.PRETRAIN.kinds) | set(benchmark.POSTTRAIN.kinds) == set(benchmark.KINDS)
     assert benchmark.RETAINED_TASKS == ("count",) and "count" not in benchmark.POSTTRAIN_TASKS
+
+
+def test_every_item_carries_its_evaluation_slice():
+    expected = {
+        "eval/grounding": ("seen", "unseen_attribute", "no_object"),
+        "eval/anomaly": ("defect", "clean"),
+        "eval/gui_point": ("all",),
+        "retained/count": ("all",),
+        "pretrain/grounding": ("seen",),
+    }
+    for name, slices in expected.items():
+        assert split_slices(name) == slices
+        for sample in make_split(name, 60, seed=0):
+            meta = sample.meta
+            assert meta["slice"] in slices
+            if sample.task == "grounding":
+                want = "no_object" if meta["no_object"] else "unseen_attribute" if meta["unseen_attribute"] else "seen"
+                assert meta["slice"] == want and (sample.solution == "[]") == (want == "no_object")
+            if sample.task == "anomaly":
+                assert meta["slice"] == ("clean" if sample.solution == '{"defect":false}' else "defect")
+
+
+def test_stratified_eval_split_has_equal_slices_in_stream_order():
+    items = make_stratified_split("eval/grounding", 7, seed=0)
+    assert Counter(s.meta["slice"] for s in items) == {"seen": 7, "unseen_attribute": 7, "no_object": 7}
+    stream = {s.id: s for s in make_split("eval/grounding", 200, seed=0)}
+    indices = [int(s.id.rsplit("/", 1)[1]) for s in items]
+    assert indices == sorted(indices) and all(fingerprint(stream[s.id]) == fingerprint(s) for s in items)
+
+
+def test_solutions_are_in_the_dataset_style_and_targets_in_the_models():
+    for sample in make_split("posttrain", 40, seed=0):
+        if sample.task == "count":
+            continue
+        assert ", " not in sample.solution and ": " not in sample.solution
+        target_answer = target_text(sample).split("<answer>")[1].removesuffix("</answer>")
+        assert target_answer == json.dumps(json.loads(sample.solution))

@@ -1,4 +1,5 @@
-"""Evaluation metrics (visurf_ray.rewards.metrics): gIoU, cIoU, N-Acc, point accuracy, accuracy, component means."""
+"""Evaluation metrics (visurf_ray.rewards.metrics): gIoU, cIoU, N-Acc, point accuracy, accuracy, component means,
+per-item values and slices, strict format and multi-block completions."""
 
 import json
 import math
@@ -6,8 +7,18 @@ import math
 import numpy as np
 import pytest
 
+from visurf_ray import rewards
 from visurf_ray.rewards.geometry import box_mask
-from visurf_ray.rewards.metrics import TASK_METRICS, evaluate, mask_overlap
+from visurf_ray.rewards.metrics import (
+    TASK_METRICS,
+    ItemMetric,
+    evaluate,
+    item_values,
+    mask_overlap,
+    solution_slice,
+    summarise,
+)
+from visurf_ray.rewards.thinking_format import follows_strict_format, follows_thinking_format, is_multi_block
 
 
 def answer(text: str) -> str:
@@ -99,3 +110,61 @@ def test_evaluate_rejects_bad_input():
         evaluate("grounding", ["a", "b"], ["[]", "[{}]"])
     with pytest.raises(ValueError, match="sample 0: image_size"):
         evaluate("grounding", ["a"], ["[]"], [(0, 0)])
+
+
+def test_item_metric_means_over_slices_and_parts():
+    values, slices = [1.0, 0.0, 1.0, 1.0, math.nan], ["clean", "clean", "defect", "defect", "defect"]
+    assert ItemMetric("v").compute(values, slices) == pytest.approx(3 / 4)  # NaN items are left out
+    assert ItemMetric("v", (("clean",),)).compute(values, slices) == 0.5
+    assert ItemMetric("v", (("clean",), ("defect",))).compute(values, slices) == pytest.approx(0.75)
+    assert math.isnan(ItemMetric("v", (("no_object",),)).compute(values, slices))
+
+
+def test_anomaly_balanced_accuracy_gives_a_constant_answer_one_half():
+    solutions = ['{"defect":true,"bbox_2d":[0,0,9,9]}'] * 5 + ['{"defect":false}'] * 3
+    always_defect = evaluate("anomaly", [answer('{"defect": true}')] * 8, solutions)
+    assert always_defect["accuracy"] == 5 / 8 and always_defect["balanced_accuracy"] == 0.5
+    assert (always_defect["accuracy_defect"], always_defect["accuracy_clean"]) == (1.0, 0.0)
+    assert always_defect["score"] == always_defect["balanced_accuracy"]
+
+
+def test_blind_empty_answers_show_beside_n_acc():
+    truth = objects((0, 0, 9, 9))
+    solutions, slices = [truth, truth, "[]", "[]"], ["seen", "unseen_attribute", "no_object", "no_object"]
+    blind = evaluate("grounding", [answer("[]")] * 4, solutions, [(20, 10)] * 4, slices)
+    assert blind["n_acc"] == 1.0 and blind["empty_rate_object"] == 1.0 and blind["giou_object"] == 0.0
+    assert (blind["giou_seen"], blind["giou_unseen_attribute"], blind["giou"]) == (0.0, 0.0, 0.5)
+    assert [solution_slice("grounding", s) for s in solutions] == ["object", "object", "no_object", "no_object"]
+    assert solution_slice("anomaly", '{"defect":false}') == "clean" and solution_slice("count", "3") == "all"
+
+
+def test_item_values_carry_components_and_task_values_and_summarise_agrees():
+    truth = objects((0, 0, 9, 9))
+    completions = [answer(objects((0, 0, 9, 9))), "<think></think><answer>[]</think><answer>" + truth + "</answer>"]
+    rows = item_values("grounding", completions, [truth, truth], [(20, 10)] * 2)
+    assert rows[0]["iou"] == 1.0 and rows[0]["empty"] == 0.0 and rows[0]["multi_block"] == 0.0
+    assert rows[1]["iou"] == 1.0 and rows[1]["multi_block"] == 1.0 and rows[1]["strict_format"] == 0.0
+    assert rows[1]["thinking_format"] == 1.0  # the paper's regex spans the inner tags
+    summary = summarise("grounding", rows, ["seen", "seen"])
+    assert summary["multi_block_rate"] == 0.5 and summary["strict_format_rate"] == 0.5 and summary["giou"] == 1.0
+    strict = item_values("grounding", completions, [truth, truth], [(20, 10)] * 2, strict_format=True)
+    assert strict[1]["thinking_format"] == 0.0 and strict[1]["overall"] == rows[1]["overall"] - 1
+
+
+@pytest.mark.parametrize(
+    "completion, paper, strict, multi",
+    [
+        ("<think>a</think><answer>[]</answer>", True, True, False),
+        ("<think></think><answer>x</think><answer>[]</answer>", True, False, True),
+        ("<think>a</think><think>b</think><answer>[]</answer>", True, False, True),
+        ("<answer>[]</answer>", False, False, False),
+        ("<think>a</think><answer>[]</answer><answer>[]</answer>", True, False, True),
+    ],
+)
+def test_strict_format_requires_one_think_and_one_answer_block(completion, paper, strict, multi):
+    assert follows_thinking_format(completion) == paper
+    assert follows_strict_format(completion) == strict
+    assert is_multi_block(completion) == multi
+    scored = rewards.score("grounding", completion, "[]", strict_format=True)
+    assert scored["thinking_format"] == float(strict)
+    assert scored["overall"] == sum(v for k, v in scored.items() if k != "overall")

@@ -81,15 +81,40 @@ def test_gradients_notebook_runs_on_a_training_run(small_policy_dir, tmp_path, m
     assert "all-fail Â_y" in printed
 
 
+def synthetic_items(rng, trial_id: str, variant: str, paradigm: str, seed: int, eval_splits) -> pd.DataFrame:
+    """Per-item rows at steps 0 and 3 of every eval set, with each task's slices and seeded random 0/1 values."""
+    from analysis.results import tidy_items
+    from visurf_ray.data.benchmark import KINDS, split_mix, split_slices
+
+    rows = []
+    for split in eval_splits:
+        task = KINDS[next(iter(split_mix(split).kinds))].task
+        for slice_ in split_slices(split):
+            for number in range(6):
+                for step in (0, 3):
+                    values = {k: float(rng.integers(2)) for k in ("thinking_format", "non_repeat", "answer_format")}
+                    values |= {
+                        k: float(rng.integers(2)) for k in ("accuracy", "success", "strict_format", "multi_block")
+                    }
+                    values["overall"] = sum(values[k] for k in ("thinking_format", "non_repeat", "answer_format"))
+                    values |= {"iou": rng.random(), "empty": float(rng.integers(2))} if task == "grounding" else {}
+                    values |= {"hit": float(rng.integers(2))} if task == "gui_point" else {}
+                    values |= {"correct": float(rng.integers(2))} if task in ("anomaly", "count") else {}
+                    item_id = f"{split}/{slice_}/{number}"
+                    rows.append({"step": step, "eval_set": split.removeprefix("eval/"), "item_id": item_id,
+                                 "task": task, "slice": slice_, **values})  # fmt: skip
+    return tidy_items(trial_id, variant, paradigm, seed, rows)
+
+
 def synthetic_results(out_dir: Path) -> None:
-    """results.{csv,parquet} and history.{csv,parquet} of the embedded tiny sweep's variants × 2 seeds, with seeded
-    random metrics, written by `analysis.results` as `experiments/sweep.py` writes them."""
+    """results, history and items tables of the embedded tiny sweep's variants × 2 seeds, with seeded random
+    metrics, written by `analysis.results` as `experiments/sweep.py` writes them."""
     from analysis.results import CURVES, tidy_history, tidy_trial, write_tables
     from visurf_ray.sweep import load_sweep
 
     sweep = load_sweep(ROOT / "experiments" / "configs" / "sweep_tiny.yaml")
     rng = np.random.default_rng(0)
-    results, histories = [], []
+    results, histories, items = [], [], []
     for number, (variant, seed) in enumerate((v, s) for v in sweep.variants for s in (0, 1)):
         config = sweep.trial_config({"variant": variant, "seed": seed})
         metrics = {"eval/mean_score": float(rng.random())}
@@ -99,9 +124,14 @@ def synthetic_results(out_dir: Path) -> None:
         metrics["eval/grounding/n_acc"] = float(rng.random())
         trial_id = f"trial_{number:02d}"
         results.append(tidy_trial(trial_id, variant, config.to_dict(), metrics))
-        steps = pd.DataFrame({"step": [1.0, 2.0, 3.0], **{c: rng.random(3) for c in CURVES}, "loss": rng.random(3)})
+        steps = pd.DataFrame(
+            {"step": [1.0, 2.0, 3.0], "step_time": 1 + rng.random(3), **{c: rng.random(3) for c in CURVES}}
+        )
         histories.append(tidy_history(trial_id, variant, seed, steps))
-    write_tables(pd.concat(results, ignore_index=True), pd.concat(histories, ignore_index=True), out_dir)
+        paradigm = config.objective.paradigm
+        items.append(synthetic_items(rng, trial_id, variant, paradigm, seed, config.data.eval_splits))
+    tables = {"results": results, "history": histories, "items": items}
+    write_tables({name: pd.concat(frames, ignore_index=True) for name, frames in tables.items()}, out_dir)
 
 
 def test_sweep_results_notebook_runs_on_a_results_folder(tmp_path, monkeypatch):
@@ -114,3 +144,26 @@ def test_sweep_results_notebook_runs_on_a_results_folder(tmp_path, monkeypatch):
     outputs = [output.get("data", {}) for cell in code_cells(notebook) for output in cell.outputs]
     tables = [data["text/html"] for data in outputs if "text/html" in data]
     assert any("ViSurf-no-smoothing" in table and "ViSurf" in table for table in tables)
+    assert any("ViSurf − RLVR" in table for table in tables)  # the paired table
+    markdown = [data["text/markdown"] for data in outputs if "text/markdown" in data]
+    assert any("supported" in text or "inconclusive" in text or "contradicted" in text for text in markdown)
+
+
+def test_sweep_report_prints_intervals_paired_differences_claims_and_budgets(tmp_path):
+    from analysis.report import sweep_report
+    from analysis.results import load_history, load_items, load_results, tidy_items
+
+    synthetic_results(tmp_path)
+    history = load_history(tmp_path).assign(
+        prompts_seen=lambda h: h["step"] * 8, train_time_total=1.0, eval_time_total=1.0, generated_tokens_total=5.0
+    )
+    report = sweep_report(load_results(tmp_path), history, load_items(tmp_path), n_boot=200)
+    for section in ("## Scores", "## ViSurf − X", "## The paper's claims", "## What each variant was given"):
+        assert section in report
+    assert "grounding/n_acc" in report and "N-Acc interval half-width" in report and "| SFT-RLVR |" in report
+    assert "retained/count/score_change" in report and "50%" in report  # eval share of 1 s + 1 s
+
+    row = {"step": 0, "eval_set": "count", "item_id": "a", "task": "count", "slice": "all"}
+    resumed = tidy_items("t", "SFT", "sft", 0, [row | {"correct": 0.0}, row | {"correct": 1.0}])
+    assert len(resumed) == 1 and resumed["correct"].item() == 1.0  # a resumed trial's repeated row: the last counts
+    assert list(resumed.columns[:4]) == ["trial_id", "variant", "paradigm", "seed"]

@@ -11,7 +11,7 @@ import torch
 
 from visurf_ray.config import load_config
 from visurf_ray.train.launcher import launch, run_dir
-from visurf_ray.train.loop import LocalSession, run_training
+from visurf_ray.train.loop import EVAL_ITEMS, LocalSession, run_training
 
 
 def small_config(policy_dir, tmp_path, name, *extra):
@@ -126,3 +126,26 @@ def test_every_report_carries_the_latest_evaluation(small_policy_dir, tmp_path):
     reports = [json.loads(line) for line in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_step"] for r in reports] == [0.0, 2.0, 3.0]
     assert all("eval/mean_score" in r and "eval/grounding/score" in r for r in reports)
+
+
+def test_runs_write_eval_items_and_share_the_starting_evaluation(small_policy_dir, tmp_path, monkeypatch):
+    """Every evaluation's item rows land in the run folder; two runs from the same checkpoint on the same items
+    compute the step-0 evaluation once (the second reads it from the cache) and record identical rows."""
+    monkeypatch.setenv("VISURF_CACHE", str(tmp_path / "cache"))
+    rows = {}
+    for paradigm in ("sft", "rlvr"):
+        cfg = small_config(
+            small_policy_dir, tmp_path, paradigm, "steps=1", "eval_every=1", f"objective.paradigm={paradigm}"
+        )
+        launch(cfg)
+        rows[paradigm] = [json.loads(line) for line in (run_dir(cfg) / EVAL_ITEMS).read_text().splitlines()]
+    assert len(list((tmp_path / "cache" / "evaluations").glob("*.json"))) == 1
+    step0 = {paradigm: [r for r in found if r["step"] == 0] for paradigm, found in rows.items()}
+    assert step0["sft"] == step0["rlvr"]
+    for found in rows.values():
+        assert sorted({r["step"] for r in found}) == [0, 1]
+        grounding = [r for r in found if r["step"] == 1 and r["eval_set"] == "grounding"]
+        assert sorted(r["slice"] for r in grounding) == ["no_object"] * 4 + ["seen"] * 4 + ["unseen_attribute"] * 4
+        assert all({"iou", "empty", "logp_empty", "multi_block"} <= set(r) for r in grounding)
+        count = [r for r in found if r["step"] == 1 and r["eval_set"] == "retained/count"]
+        assert len(count) == 4 and all(r["slice"] == "all" and "correct" in r for r in count)

@@ -6,6 +6,7 @@ rollout backend that returns chosen completion texts (the step, not the sampler,
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -55,8 +56,8 @@ def test_label_reasoning_gives_each_label_its_samples_reasoning():
     samples = grounding_samples(2)
     texts = ['<think>x</think><answer>[{"bbox_2d": [1, 2, 3, 4], "point_2d": [2, 3]}]</answer>'] * 4
     rollouts = Rollouts([[1]] * 4, [0, 0, 1, 1], texts, old_logp=None)
-    plain = score_groups(samples, rollouts, ObjectiveConfig(), needs_label=True)
-    reasoned = score_groups(samples, rollouts, ObjectiveConfig(label_reasoning=True), needs_label=True)
+    plain = score_groups(samples, rollouts, ObjectiveConfig(), get_paradigm("visurf"))
+    reasoned = score_groups(samples, rollouts, ObjectiveConfig(label_reasoning=True), get_paradigm("visurf"))
     for sample, without, with_reasoning in zip(samples, plain, reasoned):
         assert without.label_text.startswith("<think></think>")
         assert with_reasoning.label_text == without.label_text.replace(
@@ -65,7 +66,7 @@ def test_label_reasoning_gives_each_label_its_samples_reasoning():
         assert with_reasoning.label_components == without.label_components  # thinking reward eliminated in both
     bare = dataclasses.replace(samples[1], meta={k: v for k, v in samples[1].meta.items() if k != "think"})
     with pytest.raises(ValueError, match=f"{bare.id}.*reasoning"):
-        score_groups([samples[0], bare], rollouts, ObjectiveConfig(label_reasoning=True), needs_label=True)
+        score_groups([samples[0], bare], rollouts, ObjectiveConfig(label_reasoning=True), get_paradigm("visurf"))
 
 
 def make_engine(policy, *, deepspeed=False, lr=1e-3):
@@ -125,6 +126,22 @@ def test_matched_label_is_smoothed_away(small_policy_dir):
     assert metrics["smoothing_fired_fraction"] == 1.0
     assert metrics["label_advantage_mean"] == 0.0
     assert metrics["all_fail_fraction"] == 0.0
+
+
+def test_like_for_like_smoothing_keeps_the_label_against_a_near_miss(small_policy_dir):
+    policy = load_policy(small_policy_dir)
+    samples = grounding_samples(2)
+    near_misses = {}
+    for index, sample in enumerate(samples):
+        objects = json.loads(sample.solution)
+        wrong_points = [{"bbox_2d": o["bbox_2d"], "point_2d": o["bbox_2d"][2:]} for o in objects]
+        near_misses[index] = f"<think>x</think><answer>{json.dumps(wrong_points)}</answer>"
+    backend = ScriptedBackend(policy, lambda prompt: [near_misses[prompt]] * 2)
+    fired = {}
+    for rule in ("literal", "like_for_like"):
+        objective = ObjectiveConfig(paradigm="visurf", num_rollouts=2, smoothing_rule=rule)
+        fired[rule] = run_step(policy, backend, objective, samples)["smoothing_fired_fraction"]
+    assert fired == {"literal": 1.0, "like_for_like": 0.0}
 
 
 @pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf"])

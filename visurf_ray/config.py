@@ -45,7 +45,7 @@ class ModelConfig:
 class DataConfig:
     train_split: str = "posttrain"  # a benchmark split name, or a local .parquet/.jsonl file in the ViSurf format
     eval_splits: tuple[str, ...] = ("eval/grounding", "eval/gui_point", "eval/anomaly", "retained/count")
-    eval_size: int = 64  # prompts per eval split
+    eval_size: int = 64  # items per slice of each benchmark eval split (grounding: seen, unseen_attribute, no_object)
     prompts_per_step: int = 8  # global batch of prompts per optimizer step (split across workers)
 
     def __post_init__(self):

@@ -20,6 +20,8 @@ from visurf_ray.config import ConfigError, ExperimentConfig, check_paths, load_c
 from visurf_ray.train.loop import run_training
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
+RUN_NAME = "train"
+"""A trial's run folder inside its Tune trial folder (the loop's run_dir: per-item evaluation rows)."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig) -> None:
     cfg = sweep.trial_config(params)
     trial_dir = Path(tune.get_context().get_trial_dir())
     # Tune shows progress and writes TensorBoard/wandb for every trial (see build_tuner), not the loop itself.
-    cfg = dataclasses.replace(cfg, name="train", output_dir=str(trial_dir), log_to=())
+    cfg = dataclasses.replace(cfg, name=RUN_NAME, output_dir=str(trial_dir), log_to=())
     check_paths(cfg)
     if cfg.ray.num_workers == 0:
         run_training(cfg, TuneSession())

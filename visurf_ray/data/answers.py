@@ -13,23 +13,45 @@ from visurf_ray.rewards import get_verifier
 Coordinates = Sequence[int | float]
 
 
+DATASET_SEPARATORS = (",", ":")
+"""The benchmark writes its solutions as compact JSON (`[{"bbox_2d":[14,28,41,55],...}]`): the dataset's style, which
+differs from the spaced style the model writes (`model_style`), as in the paper's example (`[10,100,200,210]` in the
+data vs `[10, 100, 200, 210]` from the model). An unaligned label therefore differs from the rollouts in tokens, not
+only in its think block."""
+
+
+def _dump(value) -> str:
+    return json.dumps(value, separators=DATASET_SEPARATORS)
+
+
+def model_style(task: str, solution: str) -> str:
+    """`solution` as the base model is taught to write it: JSON with `json.dumps`' default spacing (`", "`, `": "`),
+    keys and values unchanged; a non-JSON answer (count) as it is. ValueError for a malformed solution."""
+    verifier = get_verifier(task)
+    verifier.parse_solution(solution)
+    return json.dumps(json.loads(solution)) if verifier.ANSWER_IS_JSON else solution
+
+
 class SolutionError(ValueError):
     """A solution text that its task's verifier rejects, or whose boxes or points leave the image."""
 
 
 def grounding_answer(objects: Sequence[tuple[Coordinates, Coordinates]]) -> str:
-    """`[{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y]}, ...]` for (box, point) pairs in pixels; `[]` if none."""
-    return json.dumps([{"bbox_2d": list(box), "point_2d": list(point)} for box, point in objects])
+    """`[{"bbox_2d":[x1,y1,x2,y2],"point_2d":[x,y]},...]` (dataset style) for (box, point) pairs in pixels; `[]` if
+    none."""
+    return _dump([{"bbox_2d": list(box), "point_2d": list(point)} for box, point in objects])
 
 
 def gui_point_answer(box: Coordinates, point: Coordinates) -> str:
-    """`[{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y]}]`: the target element's box and a click point inside it."""
+    """`[{"bbox_2d":[x1,y1,x2,y2],"point_2d":[x,y]}]` (dataset style): the target element's box and a click point
+    inside it."""
     return grounding_answer([(box, point)])
 
 
 def anomaly_answer(box: Coordinates | None) -> str:
-    """`{"defect": true, "bbox_2d": [x1, y1, x2, y2]}` for a defect's box in pixels, `{"defect": false}` for None."""
-    return json.dumps({"defect": False} if box is None else {"defect": True, "bbox_2d": list(box)})
+    """`{"defect":true,"bbox_2d":[x1,y1,x2,y2]}` (dataset style) for a defect's box in pixels, `{"defect":false}` for
+    None."""
+    return _dump({"defect": False} if box is None else {"defect": True, "bbox_2d": list(box)})
 
 
 def count_answer(n: int) -> str:

@@ -36,8 +36,12 @@ Splits (`make_split(name, n, seed)`, `iter_split(name, seed)`):
 - "pretrain/<task>", "posttrain/<task>": the items of one task of that mix, in the same proportions (e.g. a
   grounding-only base model from "pretrain/grounding").
 - "eval/<task>" for every task: held-out items of that task, drawn like "posttrain" for post-trained tasks and like
-  "pretrain" for the others (count). `meta` says which slice an item is in: "kind"; for grounding also "no_object",
-  "attribute" (the queried colour or None), "unseen_attribute" (the query names purple) and "unseen_in_image".
+  "pretrain" for the others (count). `meta["slice"]` names the item's evaluation slice: grounding "seen" (the query
+  names a pretraining colour or none), "unseen_attribute" (it names purple) or "no_object"; anomaly "clean" or
+  "defect"; gui_point and count "all". `meta` also holds "kind"; for grounding "no_object", "attribute" (the queried
+  colour or None), "unseen_attribute" and "unseen_in_image".
+Solutions are compact JSON, the dataset's style (`answers.DATASET_SEPARATORS`); pretraining targets write them in
+the model's spaced style (`target_text`), so the raw label and the model's answers differ in tokens as in the paper.
 - "retained/<task>" for `RETAINED_TASKS` (count): held-out items of pretrain tasks that post-training does not train
   on, to measure forgetting.
 Held-out means content-disjoint, not only a different seed stream: every item's scene (question and layout) hashes
@@ -57,7 +61,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from visurf_ray.data.answers import anomaly_answer, count_answer, grounding_answer, gui_point_answer
+from visurf_ray.data.answers import anomaly_answer, count_answer, grounding_answer, gui_point_answer, model_style
 from visurf_ray.data.prompts import TASKS, format_problem
 from visurf_ray.data.sample import Sample
 
@@ -250,11 +254,13 @@ def _distinct_looks(rng: np.random.Generator, colours: tuple[str, ...], n: int) 
 
 
 def _grounding_meta(kind: str, colour: str | None, shape: str | None, objects: list[Placed], no_object: bool) -> dict:
+    unseen = colour == UNSEEN_COLOUR
     return {
         "kind": kind,
+        "slice": "no_object" if no_object else "unseen_attribute" if unseen else "seen",
         "attribute": colour,
         "shape": shape,
-        "unseen_attribute": colour == UNSEEN_COLOUR,
+        "unseen_attribute": unseen,
         "unseen_in_image": any(o.colour == UNSEEN_COLOUR for o in objects),
         "no_object": no_object,
         "objects": len(objects),
@@ -368,7 +374,7 @@ def gui_point(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
         think=f"Button {target.shape} is at {target.where}.",
         key=f"{question}|" + ";".join(f"{b.shape} {b.col} {b.row}" for b in _reading_order(buttons)),
         render=lambda: _draw_window(buttons),
-        meta={"kind": "gui_point", "label": target.shape, "buttons": len(buttons)},
+        meta={"kind": "gui_point", "slice": "all", "label": target.shape, "buttons": len(buttons)},
     )
 
 
@@ -455,7 +461,12 @@ def _anomaly(rng: np.random.Generator, kind: str, with_defect: bool) -> Draft:
         think=think,
         key=f"{question}|{texture}|" + (f"{defect.shape} {defect.col} {defect.row}" if defect else "none"),
         render=lambda: _draw_texture(texture, defect),
-        meta={"kind": kind, "texture": texture.pattern, "defect": defect.shape if defect else None},
+        meta={
+            "kind": kind,
+            "slice": "clean" if defect is None else "defect",
+            "texture": texture.pattern,
+            "defect": defect.shape if defect else None,
+        },
     )
 
 
@@ -506,7 +517,7 @@ def count(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
         think=think,
         key=_scene_key(question, objects),
         render=lambda: _draw_shapes(objects),
-        meta={"kind": "count", "form": form, "count": answer, "objects": len(objects)},
+        meta={"kind": "count", "slice": "all", "form": form, "count": answer, "objects": len(objects)},
     )
 
 
@@ -605,6 +616,45 @@ def iter_split(name: str, seed: int, where: Callable[[Mapping], bool] | None = N
         )
 
 
+KIND_SLICES = {
+    "grounding_single": ("seen", "unseen_attribute"),
+    "grounding_multi": ("seen", "unseen_attribute"),
+    "grounding_none": ("no_object",),
+    "gui_point": ("all",),
+    "anomaly_defect": ("defect",),
+    "anomaly_clean": ("clean",),
+    "count": ("all",),
+}
+"""The evaluation slices (`meta["slice"]`) each kind's items can fall in ("unseen_attribute" only with purple)."""
+
+
+def split_slices(name: str) -> tuple[str, ...]:
+    """The slices the items of split `name` fall in, in a fixed order."""
+    mix = split_mix(name)
+    slices = {s for kind in mix.kinds for s in KIND_SLICES[kind]}
+    if UNSEEN_COLOUR not in mix.colours:
+        slices.discard("unseen_attribute")
+    order = [s for kind in KINDS for s in KIND_SLICES[kind]]
+    return tuple(sorted(slices, key=order.index))
+
+
+def make_stratified_split(name: str, per_slice: int, seed: int) -> list[Sample]:
+    """The first `per_slice` items of each slice of split `name` (`split_slices`), in stream order (ids as in
+    `iter_split`): an evaluation set whose rare slices (no-object, unseen colour, clean textures) are as large as the
+    common ones, so that each slice's metric has the same precision."""
+    if not isinstance(per_slice, int) or per_slice < 0:
+        raise ValueError(f"per_slice must be a non-negative int, got {per_slice!r}")
+    wanted = dict.fromkeys(split_slices(name), per_slice)
+
+    def needed(meta: Mapping) -> bool:
+        if wanted[meta["slice"]] == 0:
+            return False
+        wanted[meta["slice"]] -= 1
+        return True
+
+    return list(itertools.islice(iter_split(name, seed, where=needed), per_slice * len(wanted)))
+
+
 def make_split(name: str, n: int, seed: int) -> list[Sample]:
     """The first `n` items of `iter_split(name, seed)`; each image is IMAGE_SIZE x IMAGE_SIZE RGB."""
     if not isinstance(n, int) or n < 0:
@@ -613,10 +663,11 @@ def make_split(name: str, n: int, seed: int) -> list[Sample]:
 
 
 def target_text(sample: Sample) -> str:
-    """The pretraining target `<think>{meta["think"]}</think><answer>{solution}</answer>` of a benchmark sample."""
+    """The pretraining target `<think>{meta["think"]}</think><answer>{solution in the model's style}</answer>` of a
+    benchmark sample (`answers.model_style`: the spaced JSON the base model learns to write)."""
     if "think" not in sample.meta:
         raise ValueError(f"sample {sample.id!r} has no meta['think']: only benchmark samples have a pretraining target")
-    return f"<think>{sample.meta['think']}</think><answer>{sample.solution}</answer>"
+    return f"<think>{sample.meta['think']}</think><answer>{model_style(sample.task, sample.solution)}</answer>"
 
 
 def text_corpus(seed: int = 0, n: int = 2000) -> list[str]:

@@ -76,6 +76,7 @@ def visurf_advantages(
     label_rewards: Tensor,
     *,
     smoothing: bool = True,
+    smoothing_reference: tuple[Tensor, Tensor] | None = None,
     unbiased_std: bool = True,
     normalize_std: bool = True,
     eps: float = 1e-6,
@@ -83,7 +84,9 @@ def visurf_advantages(
     """ViSurf advantages: the label y joins each group of G rollouts as member G+1, normalised over all G+1 rewards.
 
     With `smoothing` (reward control 3), where max_j r(o_j) >= r(y) the label's reward is replaced by the rollouts'
-    mean m_G before normalisation, and its advantage is set to exactly 0.0.
+    mean m_G before normalisation, and its advantage is set to exactly 0.0. `smoothing_reference` = (rollout [B, G],
+    label [B]) gives other rewards for that test only (e.g. both sides without the thinking-format reward, which the
+    label's side has lost to reward control 2); m_G is always the mean of `rollout_rewards`.
 
     Smoothing rescaling (derivation). Let d_j = r(o_j) − m_G and S = Σ_j d_j². With r(y) := m_G the G+1 mean is m_G,
     the label's deviation is 0 and the rollouts' deviations d_j and S are unchanged; only the std's divisor changes:
@@ -112,7 +115,12 @@ def visurf_advantages(
         )
     label = label_rewards
     if smoothing:
-        fired = smoothing_mask(rollout_rewards, label_rewards)
+        reference = (rollout_rewards, label_rewards) if smoothing_reference is None else smoothing_reference
+        for name, given, like in zip(("rollout", "label"), reference, (rollout_rewards, label_rewards)):
+            if not isinstance(given, Tensor) or given.shape != like.shape:
+                got = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
+                raise ValueError(f"smoothing_reference {name} rewards must have shape {tuple(like.shape)}, got {got}")
+        fired = smoothing_mask(*reference)
         # Equal rollouts keep their exact value: a rounded mean would make the G+1 group look non-constant.
         rollout_mean = torch.where(constant_rows(rollout_rewards), rollout_rewards[:, 0], rollout_rewards.mean(dim=1))
         label = torch.where(fired, rollout_mean, label_rewards)

@@ -62,6 +62,10 @@ def _check_number(name: str, value: object, *, low: float, high: float = math.in
         raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
 
 
+SMOOTHING_RULES = ("literal", "like_for_like")
+SFT_TARGETS = ("answer", "empty_think", "reasoning")
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """What a run optimises; validated on construction (ValueError naming the field).
@@ -74,8 +78,18 @@ class ObjectiveConfig:
     text and its reward components before the rewards reach this package. label_reasoning: the label's think block
     holds the sample's reasoning trace (`Sample.meta["think"]`, which the offline benchmark provides) instead of
     nothing; off in the paper, whose labels have no reasoning (an ablation for policies that reason before answering).
+    smoothing_rule: which rewards smoothing compares: "literal" (the paper's rule: the label's reward after control 2
+    against the rollouts' full rewards, so a rollout one accuracy point below the label can fire it) or
+    "like_for_like" (both sides without the thinking-format reward). strict_format: the thinking-format reward
+    requires exactly one think and one answer block (`rewards.thinking_format.follows_strict_format`) instead of
+    the paper's regex, for rollouts and label alike.
+    sft_target: the SFT baseline's training text (the SFT paradigm and the SFT stage of sft_rlvr), a baseline
+    setting independent of ViSurf's label controls: "answer" (the paper's: the dataset's solution verbatim inside
+    `<answer>…</answer>`, no think block), "empty_think" (`<think></think><answer>…</answer>` with json.dumps spacing)
+    or "reasoning" (the sample's reasoning trace in the think block; the offline benchmark provides one).
     kl_coef / kl_kind: KL(π_θ ‖ π_ref) penalty weight (>= 0, 0 = off) and estimator (losses.KL_ESTIMATORS).
-    sft_share: for sft_rlvr, the fraction of optimizer steps spent in SFT, in [0, 1].
+    sft_share: for sft_rlvr, the fraction of optimizer steps spent in SFT, in [0, 1]; the RL stage starts with a
+    fresh optimizer state and learning-rate schedule, as a second run would.
     """
 
     paradigm: str = "visurf"
@@ -90,6 +104,9 @@ class ObjectiveConfig:
     align_label: bool = True
     eliminate_label_thinking: bool = True
     label_reasoning: bool = False
+    smoothing_rule: str = "literal"
+    strict_format: bool = False
+    sft_target: str = "answer"
     kl_coef: float = 0.0
     kl_kind: str = "low_var_kl"
     sft_share: float = 0.5
@@ -115,9 +132,14 @@ class ObjectiveConfig:
             "align_label",
             "eliminate_label_thinking",
             "label_reasoning",
+            "strict_format",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.smoothing_rule not in SMOOTHING_RULES:
+            raise ValueError(f"smoothing_rule must be one of {SMOOTHING_RULES}, got {self.smoothing_rule!r}")
+        if self.sft_target not in SFT_TARGETS:
+            raise ValueError(f"sft_target must be one of {SFT_TARGETS}, got {self.sft_target!r}")
         _check_number("eps", self.eps, low=0.0)
         _check_number("kl_coef", self.kl_coef, low=0.0)
         if self.kl_kind not in KL_ESTIMATORS:
@@ -190,10 +212,16 @@ class Paradigm(ABC):
 
     @abstractmethod
     def advantages(
-        self, rollout_rewards: Tensor | None, label_rewards: Tensor | None, cfg: ObjectiveConfig
+        self,
+        rollout_rewards: Tensor | None,
+        label_rewards: Tensor | None,
+        cfg: ObjectiveConfig,
+        *,
+        smoothing_reference: tuple[Tensor, Tensor] | None = None,
     ) -> GroupAdvantages:
         """Advantages from rewards. rollout_rewards: [B, G] (given iff `needs_rollouts`); label_rewards: [B] (given
-        iff `needs_label`); reward units, floating."""
+        iff `needs_label`); reward units, floating. smoothing_reference: the rewards ViSurf's smoothing compares
+        (`visurf_advantages`), ignored by paradigms without smoothing."""
 
     @abstractmethod
     def loss(
@@ -216,6 +244,11 @@ class Paradigm(ABC):
         """The paradigm in effect at optimizer step `step` of `total_steps` (0-based): this one, unless a schedule."""
         _check_step(step, total_steps)
         return self
+
+    def stage_starts(self, total_steps: int, cfg: ObjectiveConfig) -> tuple[int, ...]:
+        """The 0-based steps at which a training stage begins, first 0: each stage gets a fresh optimizer state and
+        its own learning-rate schedule (one stage unless a schedule)."""
+        return (0,)
 
     def member_is_label(self, num_prompts: int, cfg: ObjectiveConfig) -> Tensor:
         """The is_label flags [N] (bool) of a batch of `num_prompts` prompts in member order."""
@@ -298,7 +331,7 @@ class SFT(Paradigm):
     needs_rollouts = False
     needs_label = True
 
-    def advantages(self, rollout_rewards, label_rewards, cfg):
+    def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
         """label_rewards [B] gives B and is reported as label_reward_mean; every label's advantage is 1."""
         self._check_rewards_present(rollout_rewards, label_rewards, cfg)
         label = torch.ones_like(label_rewards)
@@ -324,7 +357,7 @@ class RLVR(Paradigm):
     needs_rollouts = True
     needs_label = False
 
-    def advantages(self, rollout_rewards, label_rewards, cfg):
+    def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
         self._check_rewards_present(rollout_rewards, label_rewards, cfg)
         rollout = group_advantages(
             rollout_rewards, unbiased_std=cfg.unbiased_std, normalize_std=cfg.normalize_std, eps=cfg.eps
@@ -353,23 +386,27 @@ class ViSurf(RLVR):
     needs_rollouts = True
     needs_label = True
 
-    def advantages(self, rollout_rewards, label_rewards, cfg):
-        """Metrics: reward means (label before smoothing), label_advantage_mean, smoothing_fired_fraction (0 when
-        smoothing is off), zero_std_fraction (groups whose G+1 advantages are all 0)."""
+    def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
+        """Metrics: reward means (label before smoothing), label_advantage_mean, smoothing_condition_fraction (groups
+        where the smoothing rule holds, whether or not smoothing is on), smoothing_fired_fraction (0 when smoothing is
+        off), zero_std_fraction (groups whose G+1 advantages are all 0)."""
         self._check_rewards_present(rollout_rewards, label_rewards, cfg)
         rollout, label = visurf_advantages(
             rollout_rewards,
             label_rewards,
             smoothing=cfg.smoothing,
+            smoothing_reference=smoothing_reference,
             unbiased_std=cfg.unbiased_std,
             normalize_std=cfg.normalize_std,
             eps=cfg.eps,
         )
-        fired = smoothing_mask(rollout_rewards, label_rewards) & cfg.smoothing
+        condition = smoothing_mask(*(smoothing_reference or (rollout_rewards, label_rewards)))
+        fired = condition & cfg.smoothing
         metrics = {
             "rollout_reward_mean": rollout_rewards.double().mean().item(),
             "label_reward_mean": label_rewards.double().mean().item(),
             "label_advantage_mean": label.double().mean().item(),
+            "smoothing_condition_fraction": condition.double().mean().item(),
             "smoothing_fired_fraction": fired.double().mean().item(),
             "zero_std_fraction": _zero_std_fraction(torch.cat([rollout, label.unsqueeze(1)], dim=1)),
         }
@@ -387,9 +424,19 @@ class SFTThenRLVR(Paradigm):
 
     def for_step(self, step, total_steps, cfg):
         _check_step(step, total_steps)
-        return get_paradigm("sft") if step < round(cfg.sft_share * total_steps) else get_paradigm("rlvr")
+        return get_paradigm("sft") if step < self.switch_step(total_steps, cfg) else get_paradigm("rlvr")
 
-    def advantages(self, rollout_rewards, label_rewards, cfg):
+    @staticmethod
+    def switch_step(total_steps: int, cfg: ObjectiveConfig) -> int:
+        """The first RLVR step: round(sft_share · total_steps)."""
+        return round(cfg.sft_share * total_steps)
+
+    def stage_starts(self, total_steps, cfg):
+        """(0, the switch step) when both stages have steps, else (0,)."""
+        switch = self.switch_step(total_steps, cfg)
+        return (0, switch) if 0 < switch < total_steps else (0,)
+
+    def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
         """Refused: ask `for_step` for the stage in effect."""
         raise ValueError("paradigm 'sft_rlvr' is a schedule: call for_step(step, total_steps, cfg).advantages(...)")
 

@@ -13,7 +13,7 @@ Reward controls (align the label, eliminate its thinking reward) live in `contro
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from visurf_ray.rewards import anomaly, count, grounding, gui_point
+from visurf_ray.rewards import anomaly, count, grounding, gui_point, thinking_format
 
 
 class Verifier(Protocol):
@@ -59,9 +59,22 @@ def get_verifier(task: str) -> Verifier:
     return VERIFIERS[task]
 
 
-def score(task: str, completion: str, solution: str, *, image_size: tuple[int, int] | None = None) -> dict[str, float]:
+def score(
+    task: str,
+    completion: str,
+    solution: str,
+    *,
+    image_size: tuple[int, int] | None = None,
+    strict_format: bool = False,
+) -> dict[str, float]:
     """Reward components of `completion` (any string) against `solution` with the `task` verifier.
 
     image_size: (width, height) in pixels of the image the model saw, or None for 840×840.
+    strict_format: thinking_format is `thinking_format.follows_strict_format` (exactly one think and one answer
+        block) instead of the paper's regex; `overall` is recomputed.
     """
-    return get_verifier(task).score(completion, solution, image_size=image_size)
+    components = get_verifier(task).score(completion, solution, image_size=image_size)
+    if strict_format and components["thinking_format"] and not thinking_format.follows_strict_format(completion):
+        components["overall"] -= components["thinking_format"]
+        components["thinking_format"] = 0.0
+    return components

@@ -9,6 +9,10 @@ Component: `thinking_format` in {0, 1}: 1 when the whole completion matches (DOT
 
 as in Seg-Zero / VisionReasoner (plus optional surrounding whitespace), else 0. `overall` equals it.
 
+That rule lets `.*?` span tags: `<think></think><answer>…</think><answer>[…]</answer>` matches, and the verifiers
+score its last answer block. `follows_strict_format` also requires exactly one of each tag (one think block, one
+answer block); `is_multi_block` flags completions with more than one think or answer tag of a kind.
+
 The match is decided in linear time without that regex: the regex backtracks quadratically on long completions full
 of `</think><answer>` pairs. A property test checks the two agree.
 """
@@ -33,6 +37,20 @@ def follows_thinking_format(completion: str) -> bool:
     # The earliest `</think>\s*<answer>` after the opening tag leaves the most room for the answer content.
     middle = _THINK_THEN_ANSWER.search(text, len(THINK_OPEN))
     return middle is not None and middle.end() <= len(text) - len(ANSWER_CLOSE)
+
+
+TAGS = (THINK_OPEN, THINK_CLOSE, "<answer>", ANSWER_CLOSE)
+
+
+def is_multi_block(completion: str) -> bool:
+    """Whether `completion` (any string) holds any of the four think/answer tags more than once."""
+    text = require_str(completion, "completion")
+    return any(text.count(tag) > 1 for tag in TAGS)
+
+
+def follows_strict_format(completion: str) -> bool:
+    """THINKING_FORMAT_PATTERN with exactly one of each think/answer tag: one think block, then one answer block."""
+    return follows_thinking_format(completion) and all(completion.count(tag) == 1 for tag in TAGS)
 
 
 def score(completion: str, solution: str = "") -> dict[str, float]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from visurf_ray.config import ExperimentConfig
-from visurf_ray.data.benchmark import make_split
+from visurf_ray.data.benchmark import make_split, make_stratified_split
 from visurf_ray.data.loaders import load_grefcoco_eval, load_visurf_rows
 from visurf_ray.data.sample import Sample
 
@@ -30,8 +30,9 @@ def train_dataset(cfg: ExperimentConfig) -> list[Sample]:
 
 
 def eval_sets(cfg: ExperimentConfig) -> dict[str, list[Sample]]:
-    """Each of `data.eval_splits`: `data.eval_size` benchmark items (seed EVAL_SEED), or a local file's rows
-    (`grefcoco:<path>` for the gRefCOCO evaluation format, else the ViSurf format)."""
+    """Each of `data.eval_splits`: `data.eval_size` benchmark items of each of its slices (seed EVAL_SEED;
+    `make_stratified_split`), or a local file's rows (`grefcoco:<path>` for the gRefCOCO evaluation format, else the
+    ViSurf format)."""
     sets = {}
     for name in cfg.data.eval_splits:
         if name.startswith("grefcoco:"):
@@ -39,5 +40,5 @@ def eval_sets(cfg: ExperimentConfig) -> dict[str, list[Sample]]:
         elif _is_file_split(name):
             sets[name] = load_visurf_rows(name).samples
         else:
-            sets[name] = make_split(name, cfg.data.eval_size, EVAL_SEED)
+            sets[name] = make_stratified_split(name, cfg.data.eval_size, EVAL_SEED)
     return sets

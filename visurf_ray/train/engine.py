@@ -66,6 +66,29 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass(frozen=True)
+class StagedSchedule:
+    """LR multiplier of a run made of stages (e.g. SFT then RLVR): each stage starting at a step of `starts` (0 first,
+    increasing) runs its own `warmup_cosine` over its own length, as a separate run would. A picklable callable, so
+    that LambdaLR's state_dict keeps it."""
+
+    total: int
+    warmup: int
+    starts: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        if not self.starts or self.starts[0] != 0 or list(self.starts) != sorted(set(self.starts)):
+            raise ValueError(f"stage starts must be increasing and begin at 0, got {self.starts}")
+        if self.starts[-1] >= max(self.total, 1):
+            raise ValueError(f"stage starts {self.starts} must lie below the total of {self.total} steps")
+
+    def __call__(self, step: int) -> float:
+        start = max(s for s in self.starts if s <= step)
+        later = [s for s in self.starts if s > step]
+        end = later[0] if later else self.total
+        return warmup_cosine(step - start, end - start, self.warmup)
+
+
 @dataclass
 class Engine:
     """What the step function needs: the trainable module, backward per micro-batch, step, and checkpoint I/O.
@@ -104,6 +127,18 @@ class Engine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW that holds the moments (DeepSpeed's ZeRO optimizers wrap it as `.optimizer`)."""
+        optimizer = self.optimizer
+        while not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        return optimizer
+
+    def reset_optimizer_state(self) -> None:
+        """Forget AdamW's moments and step counts (at a new stage): the next step starts them afresh, as a new
+        optimizer on the same weights would. The LR schedule's stages are set in `build_engine`."""
+        self.torch_optimizer().state.clear()
+
     def save(self, folder: Path) -> None:
         """Write engine state (weights, optimizer, schedule) into `folder` (every rank calls this)."""
         if self.deepspeed_engine is not None:
@@ -131,15 +166,24 @@ class Engine:
 
 
 def build_engine(
-    model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, *, total_steps: int, micro_batch: int
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    ds: DeepSpeedConfig,
+    *,
+    total_steps: int,
+    micro_batch: int,
+    stage_starts: tuple[int, ...] = (0,),
 ) -> Engine:
-    """micro_batch: sequences per backward pass on this worker (DeepSpeed's nominal micro-batch size)."""
-    """Wrap `model` for training: DeepSpeed ZeRO (`ds.zero_stage`) with a torch AdamW, or plain torch."""
+    """Wrap `model` for training: DeepSpeed ZeRO (`ds.zero_stage`) with a torch AdamW, or plain torch.
+
+    micro_batch: sequences per backward pass on this worker (DeepSpeed's nominal micro-batch size). stage_starts: the
+    steps where a training stage begins (`StagedSchedule`; the caller resets the optimizer state there).
+    """
     ensure_process_group()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, optim.warmup_steps)
+        optimizer, StagedSchedule(total_steps, optim.warmup_steps, tuple(stage_starts))
     )
     if not ds.enabled:
         return Engine(model, optimizer, scheduler, None, optim.max_grad_norm)

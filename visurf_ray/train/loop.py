@@ -28,13 +28,18 @@ from visurf_ray.objectives.paradigms import get_paradigm
 from visurf_ray.rollout.base import SamplingConfig
 from visurf_ray.train.data import eval_sets, train_dataset
 from visurf_ray.train.engine import Engine, build_engine
-from visurf_ray.train.evaluate import evaluate
-from visurf_ray.train.models import load_reference, resolve_policy
+from visurf_ray.train.eval_cache import cached_evaluation, evaluation_key
+from visurf_ray.train.evaluate import Evaluation, evaluate
+from visurf_ray.train.models import load_reference, model_dir, resolve_policy
 from visurf_ray.train.rollout import make_backend
 from visurf_ray.train.sinks import MetricSinks
 from visurf_ray.train.step import train_step
 
 TRAINER_STATE = "trainer_state.json"
+EVAL_ITEMS = "eval_items.jsonl"
+"""Per-item evaluation rows of a run (`train.evaluate.Evaluation.items` with their "step"), appended by rank 0 in
+the run folder after every evaluation; a resumed run appends again, so a reader keeps the last row per
+(step, eval_set, item_id)."""
 
 
 class Session(Protocol):
@@ -176,33 +181,60 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
     local_batch = cfg.data.prompts_per_step // world
     paradigm = get_paradigm(cfg.objective.paradigm)
     members_per_prompt = cfg.objective.num_rollouts + 1
+    stage_starts = paradigm.stage_starts(cfg.steps, cfg.objective)
     engine = build_engine(
         policy.model,
         cfg.optim,
         cfg.deepspeed,
         total_steps=cfg.steps,
         micro_batch=max(1, local_batch * members_per_prompt // cfg.optim.micro_batches),
+        stage_starts=stage_starts,
     )
     policy.model = engine.module
     backend = make_backend(cfg.rollout, policy)
     reference = load_reference(cfg) if cfg.objective.kl_coef > 0 else None
     sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
 
+    run_dir = Path(cfg.output_dir).resolve() / cfg.name
+
+    def evaluate_at(step: int) -> None:
+        """Evaluate the policy after `step` updates: metrics into `carried`, item rows into the run's EVAL_ITEMS.
+        The starting policy's evaluation is shared through `eval_cache` by every run with the same checkpoint,
+        items and settings (single-worker runs: ranks of a multi-worker run must all evaluate)."""
+        began = time.perf_counter()
+
+        def compute() -> Evaluation:
+            return evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world)
+
+        if step == 0 and world == 1:
+            key = evaluation_key(model_dir(cfg.model), evals, cfg.rollout.eval_max_new_tokens, cfg.model.dtype)
+            evaluation = cached_evaluation(key, compute)
+        else:
+            evaluation = compute()
+        carried.update(evaluation.metrics)
+        carried["eval_step"] = float(step)
+        carried["eval_time_total"] = carried.get("eval_time_total", 0.0) + time.perf_counter() - began
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / EVAL_ITEMS, "a") as out:
+                out.writelines(json.dumps({"step": step, **row}) + "\n" for row in evaluation.items)
+
     start = 0
     # Reported with every step: the budget so far (comparable across paradigms) and the latest evaluation, so that
     # every report carries the eval metrics a sweep optimises (step 0 evaluates the starting policy).
-    carried = {"generated_tokens_total": 0.0, "train_time_total": 0.0}
+    carried = {"generated_tokens_total": 0.0, "train_time_total": 0.0, "eval_time_total": 0.0}
     resume_from = session.latest_checkpoint()
     if resume_from is not None:
         start, carried = load_checkpoint(resume_from, engine, rank)
         backend.sync_weights(engine.module)
     elif cfg.eval_every:
-        carried.update(evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world))
-        carried["eval_step"] = 0.0
+        evaluate_at(0)
     started = time.perf_counter()
     metrics: dict[str, float] = {}
-    sinks = MetricSinks(cfg, Path(cfg.output_dir).resolve() / cfg.name) if rank == 0 else None
+    sinks = MetricSinks(cfg, run_dir) if rank == 0 else None
     for step in range(start, cfg.steps):
+        if step in stage_starts[1:]:
+            engine.reset_optimizer_state()
         samples = batch_for_step(dataset, step, cfg.data.prompts_per_step, rank, world, cfg.seed)
         stage = paradigm.for_step(step, cfg.steps, cfg.objective)
         metrics = train_step(
@@ -225,8 +257,7 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
         carried["generated_tokens_total"] += metrics.get("generated_tokens", 0.0) * world
         carried["train_time_total"] += metrics["step_time"]
         if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            carried.update(evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world))
-            carried["eval_step"] = float(done)
+            evaluate_at(done)
         metrics.update(carried)
         checkpoint_dir = None
         if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):

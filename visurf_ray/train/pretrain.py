@@ -28,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-from visurf_ray.data.benchmark import PRETRAIN, iter_split, make_split, target_text, text_corpus
+from visurf_ray.data.benchmark import (
+    PRETRAIN,
+    iter_split,
+    make_split,
+    make_stratified_split,
+    split_slices,
+    target_text,
+    text_corpus,
+)
 from visurf_ray.data.sample import Sample
 from visurf_ray.models import (
     Policy,
@@ -332,7 +340,8 @@ def rollout_group_outcomes(
 def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
     """The base model's scores (fractions in [0, 1] unless named otherwise):
 
-    - `eval/<set>/<metric>` of `visurf_ray.train.evaluate.evaluate` on EVAL_SPLITS (`cfg.eval_size` items each, seed 0)
+    - `eval/<set>/<metric>` of `visurf_ray.train.evaluate.evaluate` on EVAL_SPLITS (`cfg.eval_size` items each,
+      split evenly over the set's slices, seed 0)
       and on `no_object` (posttrain items asking for an absent object);
     - `eval/grounding/iou50`: share of the first `cfg.eval_size` eval/grounding items with objects and only colours
       seen in pretraining whose greedy box mask has IoU > 0.5 (the competence target);
@@ -340,10 +349,13 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
     - `rollout/{mixed,all_fail,all_success}`: outcome shares of `cfg.rollout_samples` samples at temperature 1 on the
       first `cfg.rollout_prompts` posttrain grounding prompts (seed 0).
     """
-    eval_sets = {name: make_split(split, cfg.eval_size, 0) for name, split in EVAL_SPLITS.items()}
+    eval_sets = {
+        name: make_stratified_split(split, max(1, cfg.eval_size // len(split_slices(split))), 0)
+        for name, split in EVAL_SPLITS.items()
+    }
     no_object = (s for s in iter_split("posttrain/grounding", 0) if s.meta["no_object"])
     eval_sets["no_object"] = list(itertools.islice(no_object, cfg.eval_size))
-    scores = evaluate(policy, eval_sets, cfg.eval_max_new_tokens)
+    scores = evaluate(policy, eval_sets, cfg.eval_max_new_tokens).metrics
     seen_objects = (
         s for s in iter_split("eval/grounding", 0) if not s.meta["no_object"] and not s.meta["unseen_attribute"]
     )
@@ -398,7 +410,8 @@ def base_model_dir(cache_dir: Path | None = None, cfg: PretrainConfig = Pretrain
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing): serialises processes that build the same cache entry."""
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -425,7 +438,7 @@ def ensure_base_model(
     if folder.is_dir() and not force:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(folder.parent / f"{folder.name}.lock"):
+    with exclusive_lock(folder.parent / f"{folder.name}.lock"):
         if folder.is_dir() and not force:
             return folder
         for leftover in folder.parent.glob(f".{folder.name}.building-*"):  # from builds killed while holding the lock

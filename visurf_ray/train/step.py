@@ -51,20 +51,34 @@ def label_reasoning(sample: Sample) -> str:
     return sample.meta["think"]
 
 
+def sft_label(sample: Sample, target: str) -> str:
+    """The SFT baseline's training text for `sample` (`ObjectiveConfig.sft_target`): "answer" = `<answer>{the
+    dataset's solution verbatim}</answer>`; "empty_think" = `<think></think><answer>{json.dumps-spaced
+    solution}</answer>`; "reasoning" = the same with the sample's reasoning trace in the think block."""
+    if target == "answer":
+        return label_completion(sample.task, sample.solution, [], align=False)
+    reasoning = label_reasoning(sample) if target == "reasoning" else None
+    return label_completion(sample.task, sample.solution, [], align=True, reasoning=reasoning)
+
+
 def score_groups(
-    samples: list[Sample], rollouts: Rollouts | None, objective: ObjectiveConfig, needs_label: bool
+    samples: list[Sample], rollouts: Rollouts | None, objective: ObjectiveConfig, paradigm: Paradigm
 ) -> list[ScoredGroup]:
-    """Score every rollout with its task's verifier, build each label completion (aligned to its own group's rollouts
-    when `objective.align_label`, with the sample's reasoning when `objective.label_reasoning`) and score it (thinking
-    reward eliminated when `objective.eliminate_label_thinking`).
+    """Score every rollout with its task's verifier (`objective.strict_format`) and build each label completion:
+    for the SFT paradigm (or stage) its `sft_label`; for a paradigm with rollouts and a label, ViSurf's label —
+    aligned to its own group's rollouts when `objective.align_label`, with the sample's reasoning when
+    `objective.label_reasoning`, scored with its thinking reward eliminated when `objective.eliminate_label_thinking`.
     """
     groups = []
     for index, sample in enumerate(samples):
         size = (sample.img_width, sample.img_height)
+        strict = objective.strict_format
         texts = [] if rollouts is None else [t for t, p in zip(rollouts.texts, rollouts.prompt_index) if p == index]
-        rollout_components = [rewards.score(sample.task, text, sample.solution, image_size=size) for text in texts]
+        texts_and_label = list(texts)
         label_text = label_components = None
-        if needs_label:
+        if paradigm.needs_label and not paradigm.needs_rollouts:
+            label_text = sft_label(sample, objective.sft_target)
+        elif paradigm.needs_label:
             label_text = label_completion(
                 sample.task,
                 sample.solution,
@@ -72,11 +86,33 @@ def score_groups(
                 align=objective.align_label,
                 reasoning=label_reasoning(sample) if objective.label_reasoning else None,
             )
-            label_components = rewards.score(sample.task, label_text, sample.solution, image_size=size)
-            if objective.eliminate_label_thinking:
+        if label_text is not None:
+            texts_and_label.append(label_text)
+        scored = [
+            rewards.score(sample.task, text, sample.solution, image_size=size, strict_format=strict)
+            for text in texts_and_label
+        ]
+        rollout_components = scored[: len(texts)]
+        if label_text is not None:
+            label_components = scored[-1]
+            if paradigm.needs_rollouts and objective.eliminate_label_thinking:
                 label_components = eliminate_thinking_reward(label_components)
         groups.append(ScoredGroup(rollout_components, label_text, label_components))
     return groups
+
+
+def smoothing_reference(groups: list[ScoredGroup], rule: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rewards ViSurf's smoothing compares (`ObjectiveConfig.smoothing_rule`): None for "literal" (the rewards
+    themselves); for "like_for_like", rollouts [B, G] and labels [B] without their thinking-format reward."""
+    if rule == "literal":
+        return None
+
+    def without_thinking(c: dict[str, float]) -> float:
+        return c["overall"] - c["thinking_format"]
+
+    rollout = [[without_thinking(c) for c in g.rollout_components] for g in groups]
+    label = [without_thinking(g.label_components) for g in groups]
+    return torch.tensor(rollout, dtype=torch.float64), torch.tensor(label, dtype=torch.float64)
 
 
 def label_token_ids(policy: Policy, texts: list[str]) -> list[list[int]]:
@@ -179,7 +215,7 @@ def train_step(
     times["time/rollout"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    groups = score_groups(samples, rollouts, objective, paradigm.needs_label)
+    groups = score_groups(samples, rollouts, objective, paradigm)
     rollout_rewards = label_rewards = None
     if paradigm.needs_rollouts:
         rollout_rewards = torch.tensor(
@@ -187,7 +223,12 @@ def train_step(
         )
     if paradigm.needs_label:
         label_rewards = torch.tensor([g.label_components["overall"] for g in groups], dtype=torch.float64)
-    advantages = paradigm.advantages(rollout_rewards, label_rewards, objective)
+    compared = (
+        smoothing_reference(groups, objective.smoothing_rule)
+        if paradigm.needs_rollouts and paradigm.needs_label
+        else None
+    )
+    advantages = paradigm.advantages(rollout_rewards, label_rewards, objective, smoothing_reference=compared)
     member_advantages = stack_members(advantages.rollout, advantages.label).float()
     is_label = paradigm.member_is_label(len(samples), objective)
 
@@ -289,12 +330,13 @@ def train_step(
             loss_metrics[key] = loss_metrics.get(key, 0.0) + weight * value
         entropy_sum += float(entropy.detach().sum())
         tokens += float(mask.sum())
+    lr = engine.lr  # this step's learning rate (the schedule advances in engine.step)
     grad_norm = engine.step()
     times["time/update"] = time.perf_counter() - start
 
     metrics: dict[str, float] = {**times, **loss_metrics, **advantages.metrics}
     metrics["grad_norm"] = grad_norm
-    metrics["lr"] = engine.lr
+    metrics["lr"] = lr
     metrics["entropy"] = entropy_sum / max(tokens, 1.0)
     metrics["paradigm_stage"] = {"sft": 0.0, "rlvr": 1.0, "visurf": 2.0}.get(paradigm.name, -1.0)
     if rollouts is not None:

@@ -1,0 +1,91 @@
+"""The sweep's report: every cell with its 95% interval, the paired "ViSurf − X" table, the paper's claims with a
+verdict, and what each variant was given (prompts, optimizer steps, wall time, evaluation's share).
+
+A plain function of the three tables `experiments/sweep.py` writes (`analysis.results`); what it prints at the end
+of a sweep and writes to `summary.md`. Imports pandas and the analysis modules; never Ray.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.claims import evaluate_claims, format_claims
+from analysis.intervals import bootstrap, default_columns, half_width, interval_table, paired_table
+from analysis.results import variant_order
+
+REFERENCE = "ViSurf"
+NO_OBJECT_COLUMN = "grounding/n_acc"
+FORMAT_METRICS = ("mean_thinking_format", "strict_format_rate", "multi_block_rate")
+"""Per eval set in the formats table: the paper's thinking-format rate beside the strict one (exactly one think and
+one answer block) and the share of completions with repeated think/answer tags."""
+ABSENCE_COLUMNS = ("grounding/logp_empty_no_object", "grounding/logp_empty_object")
+"""log π(`[]`) after the model's own `<answer>` (nats) on no-object items and on items with an object."""
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A table as markdown (index as the first column)."""
+    header = [frame.index.name or "", *map(str, frame.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([str(index), *map(str, row)]) + " |" for index, row in frame.iterrows()]
+    return "\n".join(lines)
+
+
+def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """Per variant (mean over its trials): optimizer steps, prompts seen, tokens generated in rollouts, training and
+    evaluation wall time (seconds, from each trial's last report) and evaluation's share of the two."""
+    last = history.sort_values("step").groupby("trial_id").tail(1)
+    per_trial = pd.DataFrame(
+        {
+            "variant": last["variant"],
+            "optimizer steps": last["step"],
+            "prompts": last["prompts_seen"],
+            "rollout tokens": last["generated_tokens_total"],
+            "train s": last["train_time_total"],
+            "eval s": last["eval_time_total"],
+        }
+    )
+    table = per_trial.groupby("variant").mean()
+    table["eval share"] = table["eval s"] / (table["train s"] + table["eval s"])
+    paradigm_of = dict(zip(results["variant"], results["paradigm"]))
+    table = table.loc[variant_order(table.index, paradigm_of)]
+    table.index.name = "variant (mean over seeds)"
+    formats = {"optimizer steps": "{:.0f}", "prompts": "{:.0f}", "rollout tokens": "{:.0f}", "eval share": "{:.0%}"}
+    return table.apply(lambda column: column.map((formats.get(column.name, "{:.1f}")).format))
+
+
+def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFrame, *, n_boot: int = 2000) -> str:
+    """The report as markdown: intervals of every default column (`analysis.intervals.default_columns`), paired
+    differences to ViSurf, the claims and the budget table. Intervals: 95% percentile bootstrap over eval items
+    (stratified by slice) and seeds, paired across variants by item and seed."""
+    columns = default_columns(items)
+    boot = bootstrap(items, columns, n_boot=n_boot)
+    final = items.loc[items.groupby("trial_id")["step"].transform("max") == items["step"]]
+    sizes = final.drop_duplicates(["eval_set", "item_id"]).groupby(["eval_set", "slice"]).size()
+    sizes_text = "; ".join(f"{eval_set}/{slice_} {count}" for (eval_set, slice_), count in sizes.items())
+    seeds = sorted(items["seed"].unique().tolist())
+    parts = [
+        f"{items['trial_id'].nunique()} trials, seeds {seeds}; eval items per slice: {sizes_text}.",
+        "Cells: final-step estimate (mean over seeds) [95% bootstrap interval over items and seeds]; `*_change`: "
+        "final − step 0 on the same items (retained sets: forgetting).",
+        "\n## Scores\n",
+        _markdown(interval_table(boot)),
+    ]
+    if REFERENCE in boot.variants:
+        parts += ["\n## ViSurf − X (paired by item and seed)\n", _markdown(paired_table(boot, REFERENCE))]
+        if NO_OBJECT_COLUMN in columns:
+            widths = {v: half_width(boot, v, NO_OBJECT_COLUMN) for v in boot.variants}
+            widest = max(widths, key=widths.get)
+            parts.append(
+                f"\nN-Acc interval half-width: at most {widths[widest]:.3f} ({widest}); the eval set's size bounds "
+                "the item part of it by 1.96·√(0.25/n) at any rate, the seeds add their own spread."
+            )
+    format_columns = [f"{name}/{metric}" for name in dict.fromkeys(items["eval_set"]) for metric in FORMAT_METRICS]
+    format_columns += [column for column in ABSENCE_COLUMNS if "logp_empty" in items.columns]
+    parts += [
+        "\n## Answer formats and log π(`[]`)\n",
+        _markdown(interval_table(bootstrap(items, format_columns, n_boot=n_boot))),
+    ]
+    claims = evaluate_claims(items, results, history, n_boot=n_boot)
+    parts += ["\n## The paper's claims on this sweep\n", format_claims(claims)]
+    parts += ["\n## What each variant was given\n", _markdown(budget_table(results, history))]
+    return "\n".join(parts) + "\n"
