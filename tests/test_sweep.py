@@ -200,8 +200,13 @@ def test_full_default_sweep(monkeypatch):
 
     results = pd.read_parquet(out_dir / "results.parquet")
     sweep = load_sweep(DEFAULT_SWEEP)
-    assert results["trial_id"].nunique() == len(sweep.variants) * len(sweep.seeds) == 16
+    assert results["trial_id"].nunique() == len(sweep.variants) * len(sweep.seeds) == 18
     scores = results[results["metric"] == "score"].groupby(["variant", "seed"])["eval_set"].nunique()
     assert set(scores.index) == {(v, seed) for v in sweep.variants for seed in sweep.seeds}
     assert (scores == 5).all()  # grounding, gui_point, anomaly, retained/count and their mean
     assert results["value"].notna().all()
+    items = pd.read_parquet(out_dir / "items.parquet")
+    per_trial = items.groupby(["trial_id", "step"]).size()
+    assert set(per_trial.index.get_level_values("step")) == {0, 24} and (per_trial == 700).all()  # 100 per slice
+    summary = (out_dir / "summary.md").read_text()
+    assert "## The paper's claims on this sweep" in summary and "ViSurf − RLVR" in summary
