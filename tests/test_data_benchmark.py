@@ -22,6 +22,7 @@ from visurf_ray.data.benchmark import (
     OBJECT_SIZE,
     SEEN_COLOURS,
     SHAPE_MASKS,
+    TEXTURE_PERIOD,
     UNSEEN_COLOUR,
     iter_split,
     make_split,
@@ -169,6 +170,8 @@ def test_count_answers_match_the_decoded_scene(splits):
             expected = sum(f[1] in (m[1], m[2]) for f in found)
         elif m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
             expected = sum(f[0] == m[1] for f in found)
+        elif m := re.fullmatch(r"How many (\w+) (\w+)s are there\?", question):
+            expected = sum(f[0] == m[1] and f[1] == m[2] for f in found)
         else:
             m = re.fullmatch(r"How many (\w+)s are there\?", question)
             expected = sum(f[1] == m[1] for f in found)
@@ -191,12 +194,13 @@ def test_gui_answer_box_holds_the_requested_digit(splits):
 
 
 def test_anomaly_only_the_defect_breaks_the_texture_period(splits):
+    shift = 3 * TEXTURE_PERIOD  # a whole number of periods, wider than a defect
     seen = set()
     for s in itertools.chain(splits["posttrain"], splits["eval/anomaly"], splits["pretrain"]):
         if s.task != "anomaly":
             continue
         image = pixels(s)
-        broken = (image != np.roll(image, 2 * CELL, axis=1)).any(axis=-1)
+        broken = (image[:, :-shift] != image[:, shift:]).any(axis=-1)  # pixel column c against column c + shift
         answer = json.loads(s.solution)
         seen.add(answer["defect"])
         if not answer["defect"]:
@@ -205,9 +209,16 @@ def test_anomaly_only_the_defect_breaks_the_texture_period(splits):
         x1, y1, x2, y2 = answer["bbox_2d"]
         rows, cols = np.flatnonzero(broken.any(axis=1)), np.flatnonzero(broken.any(axis=0))
         assert rows.size and y1 <= rows.min() and rows.max() <= y2, s.id
-        allowed = {c % IMAGE_SIZE for c in range(x1, x2 + 1)} | {(c + 2 * CELL) % IMAGE_SIZE for c in range(x1, x2 + 1)}
+        allowed = set(range(x1, x2 + 1)) | set(range(x1 - shift, x2 - shift + 1))
         assert set(cols.tolist()) <= allowed, s.id
     assert seen == {True, False}
+
+
+def test_anomaly_textures_sit_on_the_background_colour_with_a_period_off_the_patch_grid():
+    assert TEXTURE_PERIOD % CELL and CELL % TEXTURE_PERIOD
+    for sample in make_split("eval/anomaly", 20, seed=0):
+        colours = {tuple(c) for c in pixels(sample).reshape(-1, 3)}
+        assert BACKGROUND in colours
 
 
 def test_shape_and_digit_masks_are_distinct_and_inside_their_block():

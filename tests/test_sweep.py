@@ -210,3 +210,33 @@ def test_full_default_sweep(monkeypatch):
     assert set(per_trial.index.get_level_values("step")) == {0, 24} and (per_trial == 700).all()  # 100 per slice
     summary = (out_dir / "summary.md").read_text()
     assert "## The paper's claims on this sweep" in summary and "ViSurf − RLVR" in summary
+
+
+@pytest.mark.parametrize("preset", ["sweep_tiny_paper.yaml", "sweep_tiny_paper_ablations.yaml"])
+def test_powered_presets_load_validate_and_run_their_first_trial(small_policy_dir, tmp_path, preset):
+    """Each powered preset: ≥ 3 seeds at one budget, 100 eval items per slice; its first trial's config, shortened
+    and on a small policy, trains and evaluates in this process."""
+    import dataclasses
+
+    from visurf_ray.train.launcher import launch
+
+    sweep = load_sweep(ROOT / "experiments" / "configs" / preset)
+    assert len(sweep.seeds) >= 3 and sweep.overrides["data.eval_size"] == 100
+    first = sweep.trial_config({"variant": next(iter(sweep.variants)), "seed": sweep.seeds[0]})
+    assert first.steps == 300 and first.eval_every == 60
+    short = dataclasses.replace(
+        first,
+        name="first-trial",
+        output_dir=str(tmp_path),
+        steps=2,
+        eval_every=2,
+        checkpoint_every=0,
+        log_to=(),
+        model=dataclasses.replace(first.model, path=str(small_policy_dir)),
+        data=dataclasses.replace(first.data, eval_size=2, prompts_per_step=2),
+        rollout=dataclasses.replace(first.rollout, max_new_tokens=8, eval_max_new_tokens=8),
+        objective=dataclasses.replace(first.objective, num_rollouts=2),
+        deepspeed=dataclasses.replace(first.deepspeed, enabled=False),
+    )
+    metrics = launch(short)
+    assert metrics["step"] == 2.0 and "eval/grounding/n_acc" in metrics

@@ -19,12 +19,14 @@ Item kinds (`KINDS`, registered with `register_kind`; each answer is in its task
   Half of the single-object queries name a colour and a shape that are each present on other objects.
 - gui_point: a window (title bar on row 0) with 2-4 grey buttons labelled with distinct digits 1-9; "Click the button
   labelled 3." -> that button's box and centre (the verifier accepts any point inside the box).
-- anomaly_defect / anomaly_clean: a periodic texture (stripes, checks or dots) with / without one defect (a scratch,
-  a stain or a hole) inside a 2 x 2-cell block; "Is there a defect in this texture?" -> `{"defect": true, "bbox_2d":
-  ...}` / `{"defect": false}`. Textures are periodic with period 14 px (and shifted by 0-13 px), so only the defect
-  breaks the period.
-- count: 1-6 shapes (repeats allowed); how many of a shape, of a colour, in all, or of two shapes together (simple
-  visual arithmetic) -> `\\boxed{n}`, n in 0..6.
+- anomaly_defect / anomaly_clean: a periodic texture (stripes, checks or dots) on the background colour with /
+  without one defect (a scratch, a stain or a hole) inside a 2 x 2-cell block; "Is there a defect in this texture?"
+  -> `{"defect": true, "bbox_2d": ...}` / `{"defect": false}`. Textures are periodic with period `TEXTURE_PERIOD` =
+  10 px (shifted by 0-9 px), so only the defect breaks the period.
+- count: 1-6 shapes (repeats allowed); how many of a shape, of a colour, of a colour × shape ("How many red circles
+  are there?", half of them about a look that is absent: the base model learns to *see* that a colour × shape is not
+  in the image, which grounding's no-object queries ask, while `[]` stays untaught), in all, or of two shapes
+  together (simple visual arithmetic) -> `\\boxed{n}`, n in 0..6.
 
 Splits (`make_split(name, n, seed)`, `iter_split(name, seed)`):
 - "pretrain": what the base model learns. Colours red, green, blue, yellow only; grounding_single 35%,
@@ -380,10 +382,18 @@ def gui_point(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
 
 TEXTURES = ("stripes", "checks", "dots")
 DEFECTS = ("scratch", "stain", "hole")
+TEXTURE_PERIOD = 10
+"""Texture period in pixels: not the 14-px patch size, so that patches see the pattern at different phases.
+
+Measured on the earlier textures (period 14 px, light colours far from the processor's mean): a texture repeated
+every patch with a large constant colour gave 16 nearly identical image tokens whatever the defect, and a linear probe
+on the base model's image tokens told clean from defective textures at 0.65 (chance 0.5). Textures now sit on the
+background colour (their light colour is `BACKGROUND`, which normalises to zero), so the pattern and the defect are
+what the vision tower encodes."""
 TEXTURE_PALETTES = (
-    ((205, 190, 160), (150, 130, 100)),
-    ((170, 175, 180), (110, 115, 125)),
-    ((200, 215, 190), (120, 150, 110)),
+    (BACKGROUND, (175, 160, 130)),
+    (BACKGROUND, (80, 95, 120)),
+    (BACKGROUND, (100, 140, 90)),
 )
 DEFECT_COLOUR = (40, 30, 25)
 
@@ -406,8 +416,9 @@ _ROWS, _COLUMNS = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
 
 @dataclass(frozen=True)
 class Texture:
-    """A periodic texture of period `CELL` px: `pattern` in TEXTURES, stripes `vertical` or not, a palette index,
-    and a phase shift (`shift_x`, `shift_y` in 0..CELL-1 px) so that the pattern is not tied to the grid. Equal
+    """A periodic texture of period `TEXTURE_PERIOD` px: `pattern` in TEXTURES, stripes `vertical` or not, a palette
+    index, and a phase shift (`shift_x`, `shift_y` in 0..TEXTURE_PERIOD-1 px) so that the pattern is not tied to the
+    grid. Equal
     textures have equal fields (shifts that change nothing are zeroed or folded), so items' keys identify images."""
 
     pattern: str
@@ -424,13 +435,14 @@ class Texture:
 def _draw_texture(texture: Texture, defect: Placed | None) -> np.ndarray:
     """The texture as uint8 [IMAGE_SIZE, IMAGE_SIZE, 3]; a stain or scratch is dark, a hole is the palette's mean."""
     light, dark = (np.array(c, dtype=np.uint8) for c in TEXTURE_PALETTES[texture.palette])
-    xx, yy, half = _COLUMNS + texture.shift_x, _ROWS + texture.shift_y, CELL // 2
+    period = TEXTURE_PERIOD
+    xx, yy, half = _COLUMNS + texture.shift_x, _ROWS + texture.shift_y, period // 2
     if texture.pattern == "stripes":
         dark_pixels = ((xx if texture.vertical else yy) // half) % 2 == 1
     elif texture.pattern == "checks":
         dark_pixels = (xx // half + yy // half) % 2 == 1
     else:
-        dark_pixels = ((xx % CELL) - half + 0.5) ** 2 + ((yy % CELL) - half + 0.5) ** 2 <= 9
+        dark_pixels = ((xx % period) - half + 0.5) ** 2 + ((yy % period) - half + 0.5) ** 2 <= 6.25
     image = np.where(dark_pixels[..., None], dark, light)
     if defect is not None:
         fill = (light.astype(np.int16) + dark) // 2 if defect.shape == "hole" else DEFECT_COLOUR
@@ -440,11 +452,12 @@ def _draw_texture(texture: Texture, defect: Placed | None) -> np.ndarray:
 
 def _anomaly(rng: np.random.Generator, kind: str, with_defect: bool) -> Draft:
     pattern, vertical = _pick(rng, TEXTURES), bool(rng.random() < 0.5)
-    palette, shift_x, shift_y = (int(rng.integers(size)) for size in (len(TEXTURE_PALETTES), CELL, CELL))
+    period = TEXTURE_PERIOD
+    palette, shift_x, shift_y = (int(rng.integers(size)) for size in (len(TEXTURE_PALETTES), period, period))
     if pattern == "stripes":  # a stripe's shift along its own direction changes nothing
         shift_x, shift_y = (shift_x, 0) if vertical else (0, shift_y)
-    elif pattern == "checks" and shift_y >= CELL // 2:  # checks shifted by half a period on both axes look the same
-        shift_x, shift_y = (shift_x + CELL // 2) % CELL, shift_y - CELL // 2
+    elif pattern == "checks" and shift_y >= period // 2:  # checks shifted by half a period on both axes look the same
+        shift_x, shift_y = (shift_x + period // 2) % period, shift_y - period // 2
     texture = Texture(pattern, vertical and pattern == "stripes", palette, shift_x, shift_y)
     defect = None
     if with_defect:
@@ -491,8 +504,14 @@ def count(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
     looks = [(_pick(rng, colours), _pick(rng, SHAPES)) for _ in range(int(rng.integers(1, MAX_COUNT + 1)))]
     objects = _place(rng, looks)
     shape_counts = {s: sum(o.shape == s for o in objects) for s in SHAPES}
-    form = _pick(rng, ("shape", "colour", "all", "sum"))
-    if form == "shape":
+    form = _pick(rng, ("shape", "colour", "all", "sum", "colour_shape"))
+    if form == "colour_shape":  # half the queries name a look that is present, half a random (mostly absent) one
+        o = _pick(rng, objects)
+        colour, shape = (o.colour, o.shape) if rng.random() < 0.5 else (_pick(rng, colours), _pick(rng, SHAPES))
+        target = f"{colour} {shape}"
+        answer = sum(o.colour == colour and o.shape == shape for o in objects)
+        question, think = f"How many {target}s are there?", f"I count {_plural(answer, target)}."
+    elif form == "shape":
         shape = _pick(rng, SHAPES)
         answer = shape_counts[shape]
         question, think = f"How many {shape}s are there?", f"I count {_plural(answer, shape)}."

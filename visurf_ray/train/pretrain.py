@@ -52,7 +52,7 @@ from visurf_ray.rewards import get_verifier, score
 from visurf_ray.rewards.metrics import mask_overlap
 from visurf_ray.train.evaluate import evaluate, greedy_answers
 
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5  # 5: textures on the background colour with a 10-px period; count asks for colour × shape
 """Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
 
 REPORT_FILE = "pretrain_report.json"

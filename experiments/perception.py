@@ -1,0 +1,42 @@
+"""Perception checks on a base model before any post-training: can it see what its answers were never taught?
+
+Examples:
+    python experiments/perception.py                         # the cached tiny base model
+    python experiments/perception.py --model /path/to/ckpt   # any local Qwen2.5-VL checkpoint folder
+Prints every check's accuracy (chance 0.5), the threshold, and whether each beyond-knowledge slice's concept is
+visible (`visurf_ray.train.perception`: the deciding check of each concept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from visurf_ray.config import TINY_BASE_MODEL, ModelConfig  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=TINY_BASE_MODEL, help="checkpoint folder, or tiny-base")
+    parser.add_argument("--per-class", type=int, default=300, help="items per class of each concept")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the items and the cross-validation folds")
+    args = parser.parse_args(argv)
+
+    from visurf_ray.train.models import resolve_policy
+    from visurf_ray.train.perception import DECIDING, PROBE_THRESHOLD, perception_checks
+
+    policy = resolve_policy(ModelConfig(path=args.model))
+    results = perception_checks(policy, per_class=args.per_class, seed=args.seed)
+    for name, accuracy in results.items():
+        print(f"{name:<24} {accuracy:.3f}")
+    for concept, check in DECIDING.items():
+        verdict = "visible" if results[check] >= PROBE_THRESHOLD else "NOT visible"
+        print(f"{concept}: {verdict} ({check} {results[check]:.3f}, threshold {PROBE_THRESHOLD})")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Perception checks (visurf_ray.train.perception): the concept items, the features, the probe; and, on the cached
+base model (slow), whether each beyond-knowledge slice's concept is visible to it before any post-training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from visurf_ray.models.policy import load_policy
+from visurf_ray.train.perception import (
+    CONCEPTS,
+    DECIDING,
+    PROBE_THRESHOLD,
+    concept_samples,
+    count_question,
+    perception_checks,
+    probe_accuracy,
+    probe_features,
+)
+
+
+def test_concept_items_are_balanced_and_labelled_by_their_meta():
+    samples, labels = concept_samples(CONCEPTS["no_object"], 12)
+    assert labels.tolist() == [1] * 12 + [0] * 12
+    for sample, label in zip(samples, labels):
+        assert sample.meta["question"].startswith("Find the ") and sample.meta["attribute"] != "purple"
+        assert (sample.solution == "[]") == bool(label)
+    samples, labels = concept_samples(CONCEPTS["anomaly"], 5)
+    assert [s.meta["slice"] for s in samples] == ["clean"] * 5 + ["defect"] * 5 and labels.sum() == 5
+
+
+def test_count_question_asks_for_the_grounding_querys_look_on_the_same_image():
+    samples, _ = concept_samples(CONCEPTS["no_object"], 1)
+    for sample in samples:
+        asked = count_question(sample)
+        assert f"How many {sample.meta['attribute']} {sample.meta['shape']}s are there?" in asked.problem
+        assert asked.task == "count" and asked.image is sample.image
+
+
+def test_probe_reads_a_separable_concept_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 50)
+    separable = rng.normal(size=(100, 20)) + labels[:, None] * 3.0
+    assert probe_accuracy(separable, labels) == 1.0
+    assert abs(probe_accuracy(rng.normal(size=(100, 20)), labels) - 0.5) < 0.15
+
+
+def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
+    policy = load_policy(small_policy_dir)
+    samples, _ = concept_samples(CONCEPTS["anomaly"], 3)
+    features = probe_features(policy, samples)
+    hidden = policy.model.config.text_config.hidden_size
+    assert features["prompt"].shape == (6, hidden) and features["image"].shape[0] == 6
+    results = perception_checks(policy, per_class=10, max_new_tokens=4)
+    assert set(results) == {"no_object_prompt", "no_object_count_answer", "anomaly_image", "anomaly_prompt"}
+    assert set(DECIDING.values()) <= set(results) and all(0.0 <= v <= 1.0 for v in results.values())
+
+
+@pytest.fixture(scope="module")
+def base_model_checks():
+    from visurf_ray.train.pretrain import ensure_base_model
+
+    return perception_checks(load_policy(ensure_base_model()), per_class=300)
+
+
+@pytest.mark.slow
+def test_anomaly_defects_are_visible_to_the_base_model(base_model_checks):
+    """A linear probe on the base model's image tokens tells clean from defective textures (measured 0.853)."""
+    assert base_model_checks[DECIDING["anomaly"]] >= PROBE_THRESHOLD
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the tiny base model does not see absence yet: asked 'How many <colour> <shape>s are there?' on the "
+    "no-object images, its answer is 0 at chance (balanced accuracy 0.53 < 0.8), so the no-object slice cannot "
+    "show ViSurf's effect; strict, so that this test fails once a base model passes and the mark must go",
+)
+def test_absence_is_visible_to_the_base_model(base_model_checks):
+    assert base_model_checks[DECIDING["no_object"]] >= PROBE_THRESHOLD

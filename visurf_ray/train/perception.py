@@ -1,0 +1,142 @@
+"""Perception checks on a base model: can it *see* the concepts whose answers it was never taught?
+
+ViSurf's central claim is about items beyond the base model's knowledge: the label teaches an answer (`[]` for a
+no-object query, "no defect" for a clean texture) that rollouts never sample. The paper's base model perceives what
+its answers lack (it sees that nothing matches; it lacks the habit of answering `[]`). A benchmark can test that
+claim only if its base model does too, so each beyond-knowledge slice gets a check, made on the base model before
+any post-training. Classes are balanced (chance 0.5); a concept counts as visible when its deciding check
+(`DECIDING`) reaches PROBE_THRESHOLD:
+- "no_object" (is the queried colour × shape in the image? single-object queries "Find the red circle." with the
+  object present vs absent, pretraining colours only, so colour novelty cannot give it away):
+  - "no_object_count_answer" (deciding): the base model's own greedy answer to "How many red circles are there?" on
+    the same image — balanced accuracy of "0" against absence: asked in a form it was taught, does it see it?
+  - "no_object_prompt": a linear probe on the language model's last hidden state at the grounding prompt's last token
+    (diagnostic: whether the grounding question itself already carries it).
+- "anomaly" (is the texture clean or defective?):
+  - "anomaly_image" (deciding): a linear probe on the vision tower's image tokens (flattened);
+  - "anomaly_prompt": a linear probe on the last prompt hidden state.
+Probes: scikit-learn's standardised L2 logistic regression, 5-fold stratified cross-validation accuracy.
+Imports torch and scikit-learn; never Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from visurf_ray.data.benchmark import SEEN_COLOURS, iter_split
+from visurf_ray.data.prompts import format_problem
+from visurf_ray.data.sample import Sample
+from visurf_ray.models.inputs import encode_prompts, image_features, prompt_states
+from visurf_ray.models.policy import Policy
+from visurf_ray.rewards.count import predicted_answer
+
+PROBE_THRESHOLD = 0.8
+"""Held-out probe accuracy at which a concept counts as visible to the base model (chance: 0.5)."""
+PROBE_BATCH = 64  # prompts per forward pass
+DECIDING = {"no_object": "no_object_count_answer", "anomaly": "anomaly_image"}
+"""The check that decides whether each beyond-knowledge concept is visible to the base model."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A binary concept of one eval split: `positive` and `negative` accept an item's meta; `reads` names the
+    features a probe reads ("image": the vision tower's tokens, "prompt": the last prompt hidden state)."""
+
+    split: str
+    positive: Callable[[Mapping], bool]
+    negative: Callable[[Mapping], bool]
+    reads: tuple[str, ...]
+
+
+def _single_query(meta: Mapping) -> bool:
+    return meta["question"].startswith("Find the ") and meta["attribute"] in SEEN_COLOURS
+
+
+CONCEPTS = {
+    "no_object": Concept(
+        "eval/grounding",
+        positive=lambda m: m["kind"] == "grounding_none" and _single_query(m),
+        negative=lambda m: m["kind"] == "grounding_single" and _single_query(m),
+        reads=("prompt",),
+    ),
+    "anomaly": Concept(
+        "eval/anomaly",
+        positive=lambda m: m["slice"] == "clean",
+        negative=lambda m: m["slice"] == "defect",
+        reads=("image", "prompt"),
+    ),
+}
+
+
+def concept_samples(concept: Concept, per_class: int, seed: int = 0) -> tuple[list[Sample], np.ndarray]:
+    """The first `per_class` items of each class of `concept` from its split, and labels [2 · per_class] (1 =
+    positive), positives first."""
+    positives = list(itertools.islice(iter_split(concept.split, seed, where=concept.positive), per_class))
+    negatives = list(itertools.islice(iter_split(concept.split, seed, where=concept.negative), per_class))
+    return positives + negatives, np.array([1] * len(positives) + [0] * len(negatives))
+
+
+@torch.no_grad()
+def probe_features(policy: Policy, samples: list[Sample]) -> dict[str, np.ndarray]:
+    """{"image": [N, image tokens · hidden] the vision tower's tokens flattened, "prompt": [N, hidden] the language
+    model's last hidden state at each prompt's last token}, float64, in the order of `samples`."""
+    was_training = policy.model.training
+    policy.model.eval()
+    image, prompt = [], []
+    for first in range(0, len(samples), PROBE_BATCH):
+        batch = samples[first : first + PROBE_BATCH]
+        prompts = encode_prompts(policy, [s.image for s in batch], [s.problem for s in batch]).to(policy.device)
+        features = image_features(policy.model, prompts)
+        image += [f.flatten().double().cpu().numpy() for f in features]
+        prompt += list(prompt_states(policy.model, prompts, features).last_hidden.double().cpu().numpy())
+    policy.model.train(was_training)
+    return {"image": np.stack(image), "prompt": np.stack(prompt)}
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
+    """Mean held-out accuracy of a standardised L2 logistic regression, stratified `folds`-fold cross-validation.
+
+    features: [N, D]; labels: [N] in {0, 1}, both classes at least `folds` times."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(probe, features, labels, cv=splits, scoring="accuracy").mean())
+
+
+def count_question(sample: Sample) -> Sample:
+    """A single-object grounding item asked as a count question about the same look on the same image."""
+    question = f"How many {sample.meta['attribute']} {sample.meta['shape']}s are there?"
+    return replace(sample, task="count", problem=format_problem("count", question), solution="\\boxed{0}")
+
+
+def count_answer_accuracy(policy: Policy, samples: list[Sample], absent: np.ndarray, max_new_tokens: int) -> float:
+    """Balanced accuracy of the policy's greedy count answer being 0 exactly where the look is `absent` [N]."""
+    from visurf_ray.train.evaluate import greedy_answers
+
+    answers = greedy_answers(policy, [count_question(s) for s in samples], max_new_tokens)
+    says_none = np.array([predicted_answer(a) == 0 for a in answers])
+    return float(np.mean([np.mean(says_none[absent == 1]), np.mean(~says_none[absent == 0])]))
+
+
+def perception_checks(
+    policy: Policy, *, per_class: int = 100, seed: int = 0, max_new_tokens: int = 64
+) -> dict[str, float]:
+    """Every check's accuracy by name (module docstring): probes `<concept>_<features>` for every feature set a
+    concept reads, and "no_object_count_answer"."""
+    results = {}
+    for name, concept in CONCEPTS.items():
+        samples, labels = concept_samples(concept, per_class, seed)
+        features = probe_features(policy, samples)
+        for reads in concept.reads:
+            results[f"{name}_{reads}"] = probe_accuracy(features[reads], labels, seed=seed)
+        if name == "no_object":
+            results["no_object_count_answer"] = count_answer_accuracy(policy, samples, labels, max_new_tokens)
+    return results
