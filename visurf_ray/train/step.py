@@ -6,6 +6,7 @@ its label (where the paradigm uses one). Never imports Ray: the loop that calls 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -71,13 +72,19 @@ def score_groups(
     """
     groups = []
     for index, sample in enumerate(samples):
-        size = (sample.img_width, sample.img_height)
-        strict = objective.strict_format
+        score = functools.partial(
+            rewards.score,
+            sample.task,
+            solution=sample.solution,
+            image_size=(sample.img_width, sample.img_height),
+            strict_format=objective.strict_format,
+        )
         texts = [] if rollouts is None else [t for t, p in zip(rollouts.texts, rollouts.prompt_index) if p == index]
-        texts_and_label = list(texts)
+        rollout_components = [score(text) for text in texts]
         label_text = label_components = None
         if paradigm.needs_label and not paradigm.needs_rollouts:
             label_text = sft_label(sample, objective.sft_target)
+            label_components = score(label_text)
         elif paradigm.needs_label:
             label_text = label_completion(
                 sample.task,
@@ -86,16 +93,8 @@ def score_groups(
                 align=objective.align_label,
                 reasoning=label_reasoning(sample) if objective.label_reasoning else None,
             )
-        if label_text is not None:
-            texts_and_label.append(label_text)
-        scored = [
-            rewards.score(sample.task, text, sample.solution, image_size=size, strict_format=strict)
-            for text in texts_and_label
-        ]
-        rollout_components = scored[: len(texts)]
-        if label_text is not None:
-            label_components = scored[-1]
-            if paradigm.needs_rollouts and objective.eliminate_label_thinking:
+            label_components = score(label_text)
+            if objective.eliminate_label_thinking:
                 label_components = eliminate_thinking_reward(label_components)
         groups.append(ScoredGroup(rollout_components, label_text, label_components))
     return groups
