@@ -5,15 +5,18 @@
     python experiments/sweep.py seeds=[0] tune.max_concurrent_trials=1 experiment.steps=10   # overrides
 
 Joins a running Ray cluster when there is one (RAY_ADDRESS or `ray start`), else starts a local one on 127.0.0.1.
-Re-running the same command after an interrupt resumes the sweep (finished trials are kept); `--fresh` starts over.
-Writes Tune's experiment folder under runs/sweeps/<name>/ (`storage_dir`) (TensorBoard event files per trial) and
-results/<name>/: results.{csv,parquet}, history.{csv,parquet}, summary.md, curves.png, tasks.png.
+Ctrl-C or SIGTERM stops the trials (their loggers closed), saves the sweep's state and exits with 128 + the signal;
+re-running the same command resumes the sweep (finished trials are kept); `--fresh` starts over.
+Writes Tune's experiment folder under runs/sweeps/<name>/ (`storage_dir`; per trial `train/`: evaluation rows,
+TensorBoard, wandb) and results/<name>/: results, history and items {csv,parquet}, summary.md, curves.png, tasks.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from visurf_ray.config import ConfigError  # noqa: E402
+from visurf_ray.interrupts import Interrupts  # noqa: E402
 from visurf_ray.sweep import RUN_NAME, load_sweep  # noqa: E402
 
 DEFAULT_SWEEP = Path(__file__).parent / "configs" / "sweep_tiny.yaml"
@@ -104,11 +108,29 @@ def main(argv: list[str] | None = None) -> Path:
         sweep = load_sweep(args.sweep, args.overrides)
     except ConfigError as error:
         parser.error(str(error))
+    with Interrupts() as interrupts:
+        try:
+            return run_sweep(sweep, fresh=args.fresh, interrupts=interrupts)
+        except KeyboardInterrupt:
+            interrupts.received = interrupts.received or signal.SIGINT
+        storage = (ROOT / sweep.storage_dir / sweep.name).resolve()
+        print(
+            f"{interrupts.name}: sweep stopped; its state is saved in {storage} and the same command resumes it",
+            file=sys.stderr,
+            flush=True,
+        )
+        import ray
 
+        ray.shutdown()  # stops the local cluster if this process started it
+        raise SystemExit(interrupts.exit_code)
+
+
+def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
+    """Run (or resume) `sweep`, then write its tables, report and plots; KeyboardInterrupt if interrupted."""
     from analysis.report import sweep_report
     from analysis.results import plot_curves, plot_task_bars, write_tables
     from visurf_ray.config import TINY_BASE_MODEL, load_config
-    from visurf_ray.sweep import build_tuner
+    from visurf_ray.sweep import StopFlag, build_tuner
 
     started, memory = time.perf_counter(), MemoryWatch()
     base = load_config(sweep.experiment, [f"{k}={v}" for k, v in sweep.overrides.items()])
@@ -117,10 +139,14 @@ def main(argv: list[str] | None = None) -> Path:
 
         print(f"tiny base model: {ensure_base_model()}", flush=True)
     storage = (ROOT / sweep.storage_dir).resolve()
-    if args.fresh and (storage / sweep.name).exists():
+    if fresh and (storage / sweep.name).exists():
         shutil.rmtree(storage / sweep.name)
     print(connect_ray(), flush=True)
-    result_grid = build_tuner(sweep, storage, restore=not args.fresh).fit()
+    tuner = build_tuner(sweep, storage, restore=not fresh)
+    with interrupts.tuning(on_stop=functools.partial(StopFlag.raise_for, sweep.name)):
+        result_grid = tuner.fit()
+    if interrupts.received:
+        raise KeyboardInterrupt(interrupts.name)
     errors = [r for r in result_grid if r.error is not None]
 
     tables = collect(sweep, result_grid)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visurf_ray.config import ConfigError, load_config  # noqa: E402
+from visurf_ray.interrupts import Interrupts  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_cpu.yaml"
 SHORTHANDS = {"paradigm": "objective.paradigm"}
@@ -35,9 +37,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cfg = load_config(args.config, overrides)
     except ConfigError as error:
         parser.error(str(error))
-    from visurf_ray.train.launcher import launch
+    from visurf_ray.train.launcher import launch, run_dir
 
-    metrics = launch(cfg)
+    with Interrupts() as interrupts:
+        try:
+            metrics = launch(cfg)
+        except KeyboardInterrupt:
+            interrupts.received = interrupts.received or signal.SIGINT
+            print(
+                f"{interrupts.name}: run stopped; its checkpoints are kept under {run_dir(cfg)} and the same command "
+                "resumes it",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(interrupts.exit_code) from None
     print(json.dumps({k: metrics[k] for k in sorted(metrics)}, indent=1))
     return metrics
 

@@ -113,7 +113,8 @@ def test_two_trial_sweep_end_to_end(small_policy_dir, tmp_path, monkeypatch):
             assert len(set(image.convert("L").getdata())) > 5  # not a blank canvas
     assert "ViSurf" in (out_dir / "summary.md").read_text()
     trial_dirs = [p for p in (tmp_path / "runs" / "pytest-sweep").iterdir() if p.is_dir()]
-    assert all(list(p.glob("events.out.tfevents.*")) for p in trial_dirs)  # TensorBoard per trial
+    assert all(list(p.glob("train/tensorboard/events.out.tfevents.*")) for p in trial_dirs)  # TensorBoard per trial
+    assert all(len(list(p.glob("train/wandb/offline-run-*"))) == 1 for p in trial_dirs)  # one wandb run per trial
 
 
 def _finished_trials(experiment: Path) -> set[str]:

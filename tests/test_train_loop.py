@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,21 @@ def test_runs_write_eval_items_and_share_the_starting_evaluation(small_policy_di
         assert all({"iou", "empty", "logp_empty", "multi_block"} <= set(r) for r in grounding)
         count = [r for r in found if r["step"] == 1 and r["eval_set"] == "retained/count"]
         assert len(count) == 4 and all(r["slice"] == "all" and "correct" in r for r in count)
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_block_deepspeed_on_cpu(tmp_path):
+    """torch's JIT build lock file, left by a process killed while it built or loaded DeepSpeed's CPU collectives,
+    made every later `deepspeed.initialize` wait forever; the engine clears it under an flock and loads the op."""
+    import os
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    load = [sys.executable, "-c", "from visurf_ray.train.engine import load_cpu_communication_op as f; f()"]
+    subprocess.run(load, env=env, check=True, timeout=600)  # built once per machine (cached in TORCH_EXTENSIONS_DIR)
+    stale = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    stale.touch()
+    subprocess.run(load, env=env, check=True, timeout=60)
+    assert not stale.exists()

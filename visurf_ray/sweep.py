@@ -8,8 +8,12 @@ per-worker loop: in the trial's own process when `ray.num_workers` is 0 (the tin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ import yaml
 
 from visurf_ray.config import ConfigError, ExperimentConfig, check_paths, load_config
 from visurf_ray.train.loop import run_training
+from visurf_ray.train.sinks import RunIdentity, close_open_sinks
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
 RUN_NAME = "train"
@@ -152,15 +157,17 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
 
 
 class TuneSession:
-    """The loop's session inside a Tune trial (in-process training): reports and checkpoints through Tune."""
+    """The loop's session inside a Tune trial (in-process training): reports and checkpoints through Tune; its metric
+    sinks form one wandb run per trial, named after the trial's folder and grouped by sweep."""
 
     rank = 0
     world_size = 1
 
-    def __init__(self):
+    def __init__(self, project: str):
         from ray import tune
 
         self._restored = tune.get_checkpoint()
+        self._project = project
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         from ray import tune
@@ -173,18 +180,32 @@ class TuneSession:
             return None
         return Path(self._restored.to_directory(tempfile.mkdtemp(prefix="visurf-restore-")))
 
+    def run_identity(self, run_dir: Path) -> RunIdentity:
+        from ray import tune
 
-def run_trial(params: dict[str, Any], sweep: SweepConfig) -> None:
-    """Tune's function trainable: one trial = one experiment config."""
+        context = tune.get_context()
+        return RunIdentity.of_run_dir(
+            run_dir, name=Path(context.get_trial_dir()).name, group=context.get_experiment_name(), project=self._project
+        )
+
+
+def run_trial(params: dict[str, Any], sweep: SweepConfig, storage: str) -> None:
+    """Tune's function trainable: one trial = one experiment config, logging its own TensorBoard and wandb run.
+
+    The trial's run folder (RUN_NAME: per-item evaluation rows, TensorBoard, wandb) is written straight into its
+    folder under `storage` (a path every node sees), not into Tune's local working copy that reaches storage only at
+    checkpoints: so a resumed trial finds its earlier rows, and a stopped trial's closed wandb run is what is kept."""
+    cfg = sweep.trial_config(params)
     from ray import tune
 
-    cfg = sweep.trial_config(params)
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    # Tune shows progress and writes TensorBoard/wandb for every trial (see build_tuner), not the loop itself.
-    cfg = dataclasses.replace(cfg, name=RUN_NAME, output_dir=str(trial_dir), log_to=())
+    trial_dir = Path(storage) / sweep.name / Path(tune.get_context().get_trial_dir()).name
+    # Tune's table shows progress (no per-step stdout); the loop's sinks write the trial's TensorBoard and wandb.
+    log_to = tuple(sink for sink in cfg.log_to if sink != "stdout")
+    cfg = dataclasses.replace(cfg, name=RUN_NAME, output_dir=str(trial_dir), log_to=log_to)
     check_paths(cfg)
     if cfg.ray.num_workers == 0:
-        run_training(cfg, TuneSession())
+        StopFlag.watch(sweep.name, on_raise=close_open_sinks)
+        run_training(cfg, TuneSession(sweep.tune.wandb_project))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -195,31 +216,105 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig) -> None:
         raise result.error
 
 
+def trainable(sweep: SweepConfig, storage: Path):
+    """`run_trial` as a Tune trainable whose stop closes the trial's metric sinks before the process ends: Tune stops
+    a trial between two of its reports (an interrupted sweep, a scheduler's early stop) and ends the process right
+    after, while the loop's own `finally` may still be finishing the wandb run in its thread."""
+    from ray import tune
+    from ray.tune.trainable import wrap_function
+
+    class SweepTrial(wrap_function(tune.with_parameters(run_trial, sweep=sweep, storage=str(storage)))):
+        def cleanup(self):
+            close_open_sinks()
+            super().cleanup()
+
+    SweepTrial.__name__ = SweepTrial.__qualname__ = "run_trial"
+    return SweepTrial
+
+
+_STOP_FLAGS: dict[str, Any] = {}
+"""This driver's stop flags by sweep name (a named actor lives while a handle to it does)."""
+
+
+class StopFlag:
+    """An interrupted sweep's message to its running trials, on every node: a named Ray actor (no CPU) that the driver
+    raises on SIGINT/SIGTERM and each trial polls from a thread. A trial closes its metric sinks as soon as it sees
+    it: Tune can stop a running trial only between two reports, and kills it 5 s after asking."""
+
+    POLL_SECONDS = 0.5
+
+    def __init__(self):
+        self.raised = False
+
+    def raise_flag(self) -> None:
+        self.raised = True
+
+    def is_raised(self) -> bool:
+        return self.raised
+
+    @staticmethod
+    def actor_name(sweep_name: str) -> str:
+        return f"visurf-sweep-stop:{sweep_name}"
+
+    @classmethod
+    def create(cls, sweep_name: str) -> None:
+        """Create the sweep's flag, lowered, owned by this driver (replacing an earlier run's)."""
+        import ray
+
+        name = cls.actor_name(sweep_name)
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(name))
+        _STOP_FLAGS[sweep_name] = ray.remote(num_cpus=0)(cls).options(name=name).remote()
+
+    @classmethod
+    def raise_for(cls, sweep_name: str) -> None:
+        """Raise the flag of the sweep `sweep_name` (its driver's Ray connection)."""
+        import ray
+
+        ray.get(_STOP_FLAGS[sweep_name].raise_flag.remote())
+
+    @classmethod
+    def watch(cls, sweep_name: str, on_raise) -> None:
+        """Call `on_raise()` from a daemon thread once the sweep's flag is raised or the driver that owns it is gone."""
+        import ray
+
+        flag = ray.get_actor(cls.actor_name(sweep_name))
+
+        def poll() -> None:
+            while True:
+                try:
+                    if ray.get(flag.is_raised.remote()):
+                        break
+                except ray.exceptions.RayError:
+                    break
+                time.sleep(cls.POLL_SECONDS)
+            on_raise()
+
+        threading.Thread(target=poll, name="visurf-stop-flag", daemon=True).start()
+
+
 def build_tuner(sweep: SweepConfig, storage: Path, *, restore: bool):
     """The Tuner of `sweep`, stored under `storage/<name>`; resumed (finished trials kept) when `restore`."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=sweep),
-        {"CPU": sweep.tune.cpus_per_trial, "GPU": sweep.tune.gpus_per_trial},
+    trainer = tune.with_resources(
+        trainable(sweep, storage), {"CPU": sweep.tune.cpus_per_trial, "GPU": sweep.tune.gpus_per_trial}
     )
+    StopFlag.create(sweep.name)
     experiment_dir = storage / sweep.name
     if restore and tune.Tuner.can_restore(str(experiment_dir)):
-        return tune.Tuner.restore(str(experiment_dir), trainable, resume_errored=True)
+        return tune.Tuner.restore(str(experiment_dir), trainer, resume_errored=True)
     scheduler = None
     if sweep.tune.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.tune.grace_period)
     elif sweep.tune.scheduler == "median":
         scheduler = MedianStoppingRule(time_attr="step", grace_period=sweep.tune.grace_period)
-    callbacks = []
-    base = load_config(sweep.experiment, [f"{k}={_yaml_value(v)}" for k, v in sweep.overrides.items()])
-    if "wandb" in base.log_to:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
-        callbacks.append(WandbLoggerCallback(project=sweep.tune.wandb_project, group=sweep.name))
+    # Tune's CSV and JSON loggers feed the ResultGrid; TensorBoard and wandb are written by each trial (`run_trial`)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     return tune.Tuner(
-        trainable,
+        trainer,
         param_space=param_space(sweep),
         tune_config=tune.TuneConfig(
             metric=sweep.tune.metric,
@@ -236,7 +331,7 @@ def build_tuner(sweep: SweepConfig, storage: Path, *, restore: bool):
         run_config=tune.RunConfig(
             name=sweep.name,
             storage_path=str(storage),
-            callbacks=callbacks,
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )

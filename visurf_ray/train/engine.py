@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from visurf_ray.config import DeepSpeedConfig, OptimConfig
+from visurf_ray.locks import exclusive_lock
 
 
 def ensure_process_group() -> None:
@@ -165,6 +166,25 @@ class Engine:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
+def load_cpu_communication_op() -> None:
+    """Build (first time on a machine) and load DeepSpeed's JIT extension for CPU collectives (`ShareMemCommBuilder`,
+    which `deepspeed.initialize` loads on CPU; loaded ops are cached per process, so it then reuses this one) under an
+    flock. torch's own build lock is a file that exists while a build or load runs (`FileBaton`): a process killed in
+    between (a Ctrl-C during a fresh machine's first trials) leaves it behind and every later build waits on it
+    forever. Under the flock no other process is building or loading it, so such a file is stale and removed first."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops import __compatible_ops__
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not __compatible_ops__.get(builder.NAME, False):  # deepspeed.initialize skips it too
+        return
+    build_dir = Path(_get_build_directory(builder.name, verbose=False))
+    with exclusive_lock(build_dir.parent / f"{builder.name}.flock"):
+        (build_dir / "lock").unlink(missing_ok=True)
+        builder.load(verbose=False)
+
+
 def build_engine(
     model: torch.nn.Module,
     optim: OptimConfig,
@@ -191,6 +211,8 @@ def build_engine(
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if not torch.cuda.is_available():
+        load_cpu_communication_op()
     ds_engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

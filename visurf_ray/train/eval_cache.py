@@ -20,8 +20,9 @@ import torch
 import transformers
 
 from visurf_ray.data.sample import Sample
+from visurf_ray.locks import exclusive_lock
 from visurf_ray.train import evaluate as evaluation
-from visurf_ray.train.pretrain import default_cache_root, exclusive_lock
+from visurf_ray.train.pretrain import default_cache_root
 
 CACHE_VERSION = 1
 """Part of the key: bump it when evaluation code changes what a given policy and item set produce."""

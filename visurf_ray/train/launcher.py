@@ -12,6 +12,7 @@ import torch
 
 from visurf_ray.config import ExperimentConfig, check_paths, config_from_dict
 from visurf_ray.train.loop import LocalSession, run_training
+from visurf_ray.train.sinks import RunIdentity
 
 
 class RaySession:
@@ -44,6 +45,9 @@ class RaySession:
         if self._restored_dir is None:
             self._restored_dir = Path(self._restored.to_directory(tempfile.mkdtemp(prefix="visurf-restore-")))
         return self._restored_dir
+
+    def run_identity(self, run_dir: Path) -> RunIdentity:
+        return RunIdentity.of_run_dir(run_dir, name=run_dir.name)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -32,14 +32,26 @@ from visurf_ray.train.eval_cache import cached_evaluation, evaluation_key
 from visurf_ray.train.evaluate import Evaluation, evaluate
 from visurf_ray.train.models import load_reference, model_dir, resolve_policy
 from visurf_ray.train.rollout import make_backend
-from visurf_ray.train.sinks import MetricSinks
+from visurf_ray.train.sinks import MetricSinks, RunIdentity
 from visurf_ray.train.step import train_step
 
 TRAINER_STATE = "trainer_state.json"
 EVAL_ITEMS = "eval_items.jsonl"
 """Per-item evaluation rows of a run (`train.evaluate.Evaluation.items` with their "step"), appended by rank 0 in
-the run folder after every evaluation; a resumed run appends again, so a reader keeps the last row per
-(step, eval_set, item_id)."""
+the run folder after every evaluation; a resumed run first drops the rows of steps after its checkpoint."""
+METRICS_ROWS = "metrics.jsonl"
+"""A `LocalSession`'s reported metrics, a row per step (same rule on resume)."""
+
+
+def keep_rows_until(path: Path, last_step: int) -> None:
+    """Rewrite the JSON-lines file `path` (if any) without its rows whose "step" is after `last_step`, atomically."""
+    if not path.is_file():
+        return
+    with open(path) as rows:
+        kept = [row for row in rows if json.loads(row)["step"] <= last_step]
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text("".join(kept))
+    os.replace(scratch, path)
 
 
 class Session(Protocol):
@@ -51,6 +63,10 @@ class Session(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
 
     def latest_checkpoint(self) -> Path | None: ...
+
+    def run_identity(self, run_dir: Path) -> RunIdentity:
+        """How the run writing into `run_dir` appears in the metric sinks (the same id when it resumes)."""
+        ...
 
 
 class LocalSession:
@@ -72,7 +88,7 @@ class LocalSession:
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         self.history.append(metrics)
-        with open(self.run_dir / "metrics.jsonl", "a") as out:
+        with open(self.run_dir / METRICS_ROWS, "a") as out:
             out.write(json.dumps(metrics) + "\n")
         if checkpoint_dir is not None:
             final = self.checkpoints / f"step_{int(metrics['step']):06d}"
@@ -85,6 +101,9 @@ class LocalSession:
     def latest_checkpoint(self) -> Path | None:
         done = sorted(p for p in self.checkpoints.glob("step_*") if (p / TRAINER_STATE).is_file())
         return done[-1] if done else None
+
+    def run_identity(self, run_dir: Path) -> RunIdentity:
+        return RunIdentity.of_run_dir(run_dir, name=run_dir.name)
 
     def scratch_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoints))
@@ -227,47 +246,52 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
     if resume_from is not None:
         start, carried = load_checkpoint(resume_from, engine, rank)
         backend.sync_weights(engine.module)
+        if rank == 0:  # rows written after the checkpoint (an interrupted run's) are written again from `start`
+            keep_rows_until(run_dir / EVAL_ITEMS, start)
+            keep_rows_until(run_dir / METRICS_ROWS, start)
     elif cfg.eval_every:
         evaluate_at(0)
     started = time.perf_counter()
     metrics: dict[str, float] = {}
-    sinks = MetricSinks(cfg, run_dir) if rank == 0 else None
-    for step in range(start, cfg.steps):
-        if step in stage_starts[1:]:
-            engine.reset_optimizer_state()
-        samples = batch_for_step(dataset, step, cfg.data.prompts_per_step, rank, world, cfg.seed)
-        stage = paradigm.for_step(step, cfg.steps, cfg.objective)
-        metrics = train_step(
-            policy=policy,
-            engine=engine,
-            backend=backend,
-            paradigm=stage,
-            objective=cfg.objective,
-            samples=samples,
-            sampling=sampling,
-            seed=step_seed(cfg.seed, step, rank),
-            micro_batches=cfg.optim.micro_batches,
-            reference=reference,
-        )
-        backend.sync_weights(engine.module)
-        metrics = _average_across_ranks(metrics, world)
-        done = step + 1
-        metrics["step"] = float(done)
-        metrics["prompts_seen"] = float(done * cfg.data.prompts_per_step)
-        carried["generated_tokens_total"] += metrics.get("generated_tokens", 0.0) * world
-        carried["train_time_total"] += metrics["step_time"]
-        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            evaluate_at(done)
-        metrics.update(carried)
-        checkpoint_dir = None
-        if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            checkpoint_dir = Path(scratch_dir() if scratch_dir else tempfile.mkdtemp(prefix="visurf-ckpt-"))
-            save_checkpoint(checkpoint_dir, engine, done, carried, rank, cfg)
-        if rank == 0:
-            sinks.log(metrics, done)
-            if "stdout" in cfg.log_to:
-                _progress(done, cfg.steps, metrics, started)
-        session.report(metrics, checkpoint_dir)
-    if sinks is not None:
-        sinks.close()
+    sinks = MetricSinks(cfg, run_dir, session.run_identity(run_dir)) if rank == 0 else None
+    try:
+        for step in range(start, cfg.steps):
+            if step in stage_starts[1:]:
+                engine.reset_optimizer_state()
+            samples = batch_for_step(dataset, step, cfg.data.prompts_per_step, rank, world, cfg.seed)
+            stage = paradigm.for_step(step, cfg.steps, cfg.objective)
+            metrics = train_step(
+                policy=policy,
+                engine=engine,
+                backend=backend,
+                paradigm=stage,
+                objective=cfg.objective,
+                samples=samples,
+                sampling=sampling,
+                seed=step_seed(cfg.seed, step, rank),
+                micro_batches=cfg.optim.micro_batches,
+                reference=reference,
+            )
+            backend.sync_weights(engine.module)
+            metrics = _average_across_ranks(metrics, world)
+            done = step + 1
+            metrics["step"] = float(done)
+            metrics["prompts_seen"] = float(done * cfg.data.prompts_per_step)
+            carried["generated_tokens_total"] += metrics.get("generated_tokens", 0.0) * world
+            carried["train_time_total"] += metrics["step_time"]
+            if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                evaluate_at(done)
+            metrics.update(carried)
+            checkpoint_dir = None
+            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                checkpoint_dir = Path(scratch_dir() if scratch_dir else tempfile.mkdtemp(prefix="visurf-ckpt-"))
+                save_checkpoint(checkpoint_dir, engine, done, carried, rank, cfg)
+            if rank == 0:
+                sinks.log(metrics, done)
+                if "stdout" in cfg.log_to:
+                    _progress(done, cfg.steps, metrics, started)
+            session.report(metrics, checkpoint_dir)
+    finally:  # also when the run is interrupted (KeyboardInterrupt, a stopped Tune trial's SystemExit)
+        if sinks is not None:
+            sinks.close()
     return metrics

@@ -12,8 +12,6 @@ Imports torch and transformers (through `visurf_ray.models`); never Ray.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -38,6 +36,7 @@ from visurf_ray.data.benchmark import (
     text_corpus,
 )
 from visurf_ray.data.sample import Sample
+from visurf_ray.locks import exclusive_lock
 from visurf_ray.models import (
     Policy,
     TinyVLMSpec,
@@ -407,17 +406,6 @@ def default_cache_root() -> Path:
 def base_model_dir(cache_dir: Path | None = None, cfg: PretrainConfig = PretrainConfig()) -> Path:
     """Where the base model of `cfg` lives in the cache: `<cache root>/tiny-base-<cfg.key()>`."""
     return Path(cache_dir or default_cache_root()) / f"tiny-base-{cfg.key()}"
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if missing): serialises processes that build the same cache entry."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_base_model(
