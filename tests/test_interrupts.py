@@ -188,6 +188,7 @@ def test_sigterm_stops_train_py_and_the_rerun_resumes_from_its_checkpoint(small_
     ]
     run = tmp_path / "run"
     process = start(command)
+
     def reported(steps: int) -> bool:
         rows = run / "metrics.jsonl"
         return rows.is_file() and len(rows.read_text().splitlines()) >= steps

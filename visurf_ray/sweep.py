@@ -332,6 +332,6 @@ def build_tuner(sweep: SweepConfig, storage: Path, *, restore: bool):
             name=sweep.name,
             storage_path=str(storage),
             callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # 1 forces a state snapshot per checkpoint
         ),
     )
