@@ -10,12 +10,8 @@ visible (`visurf_ray.train.perception`: the deciding check of each concept).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from visurf_ray.config import TINY_BASE_MODEL, ModelConfig  # noqa: E402
+from visurf_ray.config import TINY_BASE_MODEL, ModelConfig
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from visurf_ray.train.pretrain import REPORT_FILE, PretrainConfig, ensure_base_model, pretrain_base  # noqa: E402
+from visurf_ray.train.pretrain import REPORT_FILE, PretrainConfig, ensure_base_model, pretrain_base
 
 HEADLINES = {
     "format (think + answer)": ["eval/{set}/mean_thinking_format", "eval/{set}/mean_answer_format"],

@@ -14,6 +14,7 @@ TensorBoard, wandb) and results/<name>/: results, history and items {csv,parquet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import shutil
 import signal
@@ -22,33 +23,41 @@ import threading
 import time
 from pathlib import Path
 
+from visurf_ray.config import ConfigError
+from visurf_ray.interrupts import Interrupts
+from visurf_ray.sweep import RUN_NAME, load_sweep
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from visurf_ray.config import ConfigError  # noqa: E402
-from visurf_ray.interrupts import Interrupts  # noqa: E402
-from visurf_ray.sweep import RUN_NAME, load_sweep  # noqa: E402
-
 DEFAULT_SWEEP = Path(__file__).parent / "configs" / "sweep_tiny.yaml"
 
 
 class MemoryWatch:
-    """Peak of the machine's used memory above its level at start (bytes), sampled every 0.5 s: the sweep's own
-    footprint (Ray, trials, workers) on a machine with nothing else running."""
+    """Peak memory of the sweep's own processes (bytes), sampled every 2 s: the proportional set size (PSS: shared
+    pages split between the processes that map them; ~3 ms a process to read) summed over this process and its
+    descendants — the local Ray cluster it started, the trials and their workers; other jobs on the machine are not
+    counted. A sweep that joins a running cluster counts only this driver."""
 
     def __init__(self):
         import psutil
 
-        self._used = lambda: psutil.virtual_memory().used
-        self.baseline = self._used()
+        self._root = psutil.Process()
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _total(self) -> int:
+        import psutil
+
+        total = 0
+        for process in (self._root, *self._root.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):  # a process that ended or is not readable
+                total += process.memory_full_info().pss
+        return total
+
     def _run(self):
-        while not self._stop.wait(0.5):
-            self.peak = max(self.peak, self._used() - self.baseline)
+        while not self._stop.wait(2.0):
+            self.peak = max(self.peak, self._total())
 
     def stop(self) -> int:
         self._stop.set()
@@ -161,7 +170,7 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
     print(f"\n{report}")
     print(
         f"{len(results['trial_id'].unique())} trials, {len(errors)} failed; wall {wall / 60:.1f} min, "
-        f"peak memory {peak / 2**30:.2f} GiB above the start"
+        f"peak memory {peak / 2**30:.2f} GiB (PSS of the sweep's processes)"
     )
     print(
         f"results: {out_dir}\nTune experiment (TensorBoard: tensorboard --logdir {storage / sweep.name}): "

@@ -15,10 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from visurf_ray.config import ConfigError, load_config  # noqa: E402
-from visurf_ray.interrupts import Interrupts  # noqa: E402
+from visurf_ray.config import ConfigError, load_config
+from visurf_ray.interrupts import Interrupts
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_cpu.yaml"
 SHORTHANDS = {"paradigm": "objective.paradigm"}

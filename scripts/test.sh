@@ -9,6 +9,7 @@ python=$("$root/scripts/venv.sh")
 cd "$root"
 source "$root/scripts/env.sh"
 "$python" -m ruff check .
+"$python" -m ruff format --check .
 if [[ ${1:-} == slow ]]; then
   shift
   exec "$python" -m pytest -m slow "$@"

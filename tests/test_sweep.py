@@ -85,15 +85,13 @@ def test_two_trial_sweep_end_to_end(small_policy_dir, tmp_path, monkeypatch):
     import ray
     from PIL import Image
 
-    monkeypatch.chdir(ROOT)
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import sweep as sweep_cli
+    from experiments import sweep as sweep_cli
 
+    monkeypatch.chdir(ROOT)
     try:
         out_dir = sweep_cli.main(["--fresh", *small_sweep_args(small_policy_dir, tmp_path, "pytest-sweep")])
     finally:
         ray.shutdown()
-        sys.path.remove(str(ROOT / "experiments"))
     import pandas as pd
 
     results = pd.read_parquet(out_dir / "results.parquet")
@@ -189,10 +187,9 @@ def test_full_default_sweep(monkeypatch):
     """The README's main job: every paradigm and ablation, two seeds, on the tiny base model."""
     import ray
 
-    monkeypatch.chdir(ROOT)
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import sweep as sweep_cli
+    from experiments import sweep as sweep_cli
 
+    monkeypatch.chdir(ROOT)
     try:
         out_dir = sweep_cli.main(["--fresh"])
     finally:

@@ -1,5 +1,5 @@
 """Objectives of the suite: group advantages (GRPO, ViSurf with the label as member G+1), token-level losses and their
-aggregations, and the registry of training paradigms (sft, rlvr, visurf, sft_rlvr).
+aggregations, and the registry of training paradigms (sft, rlvr, visurf, sft_rlvr, luffy, chord).
 
 Pure torch. Must not import ray, transformers or visurf_ray.rewards.
 """
@@ -8,9 +8,11 @@ from visurf_ray.objectives.advantages import constant_rows, group_advantages, sm
 from visurf_ray.objectives.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    clipped_surrogate,
     kl_penalty,
     masked_mean,
     policy_loss,
+    policy_shaping,
     sft_loss,
 )
 from visurf_ray.objectives.paradigms import (
@@ -30,12 +32,14 @@ __all__ = [
     "GroupAdvantages",
     "ObjectiveConfig",
     "Paradigm",
+    "clipped_surrogate",
     "constant_rows",
     "get_paradigm",
     "group_advantages",
     "kl_penalty",
     "masked_mean",
     "policy_loss",
+    "policy_shaping",
     "register_paradigm",
     "sft_loss",
     "smoothing_mask",

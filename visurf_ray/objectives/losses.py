@@ -1,5 +1,5 @@
-"""Token-level losses on log-probabilities: PPO/GRPO clipped surrogate, SFT negative log-likelihood, KL penalty, and
-the aggregations that turn per-token values into one scalar.
+"""Token-level losses on log-probabilities: PPO/GRPO clipped surrogate, LUFFY's policy shaping, SFT negative
+log-likelihood (optionally token-weighted), KL penalty, and the aggregations that turn per-token values into one scalar.
 
 Pure torch on [N sequences, T tokens] tensors. Must not import ray, transformers or visurf_ray.rewards.
 
@@ -109,6 +109,45 @@ def _describe(tensor: object) -> str:
     return type(tensor).__name__
 
 
+def _token_advantages(advantages: object, logp: Tensor) -> Tensor:
+    """Advantages [N] or [N, T] as [N, 1] or [N, T] in logp's dtype; ValueError naming `advantages` otherwise."""
+    if not isinstance(advantages, Tensor) or not advantages.is_floating_point():
+        raise ValueError(f"advantages must be a floating-point tensor, got {_describe(advantages)}")
+    if advantages.shape == logp.shape[:1]:
+        advantages = advantages.unsqueeze(1)
+    elif advantages.shape != logp.shape:
+        raise ValueError(
+            f"advantages must have shape {tuple(logp.shape[:1])} or {tuple(logp.shape)}, got {tuple(advantages.shape)}"
+        )
+    return advantages.to(logp.dtype)
+
+
+def clipped_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """The clipped surrogate per token, before aggregation: max(−Â·ρ, −Â·clip(ρ, 1 − clip_low, 1 + clip_high)) with
+    ρ = exp(logp − old_logp). Arguments as `policy_loss`'s, validated the same way.
+
+    Returns (values [N, T] of logp's dtype, clipped [N, T] bool: where the clipped term is the active one).
+    """
+    _check_token_tensors(logp, mask, old_logp=old_logp)
+    advantages = _token_advantages(advantages, logp)
+    check_clip_range(clip_low, clip_high)
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).detach()
+
+
+def approx_kl(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """KL(π_old ‖ π_θ) estimated by k3 = (ρ − 1) − log ρ, ρ = exp(logp − old_logp), token-mean over the mask (nats).
+
+    logp, old_logp: [N, T] log-probs; mask: [N, T] bool. Returns a detached scalar."""
+    with torch.no_grad():
+        log_ratio = logp - old_logp
+        return masked_mean(torch.exp(log_ratio) - 1.0 - log_ratio, mask)
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -130,40 +169,40 @@ def policy_loss(
       clip_fraction — share of tokens where the clipped term is the active one;
       approx_kl — KL(π_old ‖ π_θ) estimated by k3 = (ρ − 1) − log ρ.
     """
-    _check_token_tensors(logp, mask, old_logp=old_logp)
-    if not isinstance(advantages, Tensor) or not advantages.is_floating_point():
-        raise ValueError(f"advantages must be a floating-point tensor, got {_describe(advantages)}")
-    if advantages.shape == logp.shape[:1]:
-        advantages = advantages.unsqueeze(1)
-    elif advantages.shape != logp.shape:
-        raise ValueError(
-            f"advantages must have shape {tuple(logp.shape[:1])} or {tuple(logp.shape)}, got {tuple(advantages.shape)}"
-        )
-    check_clip_range(clip_low, clip_high)
-    aggregate = get_aggregation(agg)
-
-    advantages = advantages.to(logp.dtype)
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        metrics = {
-            "clip_fraction": masked_mean((clipped > unclipped).to(logp.dtype), mask).item(),
-            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask).item(),
-        }
+    values, clipped = clipped_surrogate(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high)
+    loss = get_aggregation(agg)(values, mask)
+    metrics = {
+        "clip_fraction": masked_mean(clipped.to(logp.dtype), mask).item(),
+        "approx_kl": approx_kl(logp, old_logp, mask).item(),
+    }
     return loss, metrics
 
 
-def sft_loss(logp: Tensor, mask: Tensor, *, agg: str = "token-mean") -> Tensor:
+def policy_shaping(logp: Tensor, gamma: float) -> Tensor:
+    """LUFFY's policy shaping per token: f(π) = π/(π + γ), π = exp(logp), with the gradient through π.
+
+    d f / d log π = γ·π/(π + γ)²: at most 1/4 (at π = γ), so unlike the SFT gradient (weight 1 on ∇ log π) it
+    vanishes on tokens the policy already finds likely and stays finite on unlikely ones. logp: [N, T] log-probs
+    (nats); gamma > 0. Returns [N, T] in (0, 1), of logp's dtype.
+    """
+    if isinstance(gamma, bool) or not (isinstance(gamma, int | float) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    probability = torch.exp(logp)
+    return probability / (probability + gamma)
+
+
+def sft_loss(logp: Tensor, mask: Tensor, *, agg: str = "token-mean", token_weight: Tensor | None = None) -> Tensor:
     """Supervised fine-tuning loss: negative log-likelihood of the counted tokens, aggregated by `agg`.
 
-    logp: [N, T] log-probs (nats) of the target tokens; mask: [N, T] bool. Returns a scalar (nats per token for the
-    token-mean aggregations, nats per sequence for "seq-mean-token-sum").
+    logp: [N, T] log-probs (nats) of the target tokens; mask: [N, T] bool; token_weight: optional [N, T] weight of
+    each token's log-likelihood (e.g. CHORD's φ), of logp's dtype, used as given (detach it for a constant weight).
+    Returns a scalar (nats per token for the token-mean aggregations, nats per sequence for "seq-mean-token-sum").
     """
-    _check_token_tensors(logp, mask)
-    return -get_aggregation(agg)(logp, mask)
+    if token_weight is None:
+        _check_token_tensors(logp, mask)
+        return -get_aggregation(agg)(logp, mask)
+    _check_token_tensors(logp, mask, token_weight=token_weight)
+    return -get_aggregation(agg)(token_weight * logp, mask)
 
 
 def kl_penalty(

@@ -1,12 +1,13 @@
-"""Training paradigms by name (SFT, RLVR, ViSurf, SFT→RLVR): which members a batch holds, how their advantages are
-computed from rewards, and which loss trains on them. The objective configuration lives here too.
+"""Training paradigms by name (SFT, RLVR, ViSurf, SFT→RLVR, and ViSurf's single-stage neighbours LUFFY and CHORD):
+which members a batch holds, how their advantages are computed from rewards, and which loss trains on them. The
+objective configuration lives here too.
 
-Pure torch. Must not import ray, transformers or visurf_ray.rewards. A new paradigm (e.g. LUFFY or CHORD) is one class
-decorated with `@register_paradigm("name")`.
+Pure torch. Must not import ray, transformers or visurf_ray.rewards. A new paradigm is one class decorated with
+`@register_paradigm("name")`.
 
-Member order (the trainer stacks sequences this way; `stack_members` does it): for each prompt, its G rollouts (when
-the paradigm `needs_rollouts`), then its label (when it `needs_label`). With B prompts, N = B·(G·needs_rollouts +
-needs_label) members.
+Member order (the trainer stacks sequences this way; `stack_members` does it): for each prompt, its K rollouts (when
+the paradigm `needs_rollouts`; K = `rollouts_per_prompt(cfg)`: G = cfg.num_rollouts, G − 1 for LUFFY), then its label
+(when it `needs_label`). With B prompts, N = B·(K + needs_label) members.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ PARADIGMS: dict[str, Paradigm] = {}
 
 
 def register_paradigm(name: str):
-    """Class decorator: instantiate the Paradigm subclass and register it as `name` (also set as its `name`)."""
+    """Class decorator: instantiate the Paradigm subclass and register it as `name` (also set as its `name`), with
+    `paradigm_id` the next free id (registration order: sft 0, rlvr 1, visurf 2, sft_rlvr 3, luffy 4, chord 5)."""
 
     def wrap(cls: type[Paradigm]) -> type[Paradigm]:
         if name in PARADIGMS:
             raise ValueError(f"paradigm {name!r} is already registered")
         cls.name = name
+        cls.paradigm_id = 1 + max((p.paradigm_id for p in PARADIGMS.values()), default=-1)
         PARADIGMS[name] = cls()
         return cls
 
@@ -64,6 +67,7 @@ def _check_number(name: str, value: object, *, low: float, high: float = math.in
 
 SMOOTHING_RULES = ("literal", "like_for_like")
 SFT_TARGETS = ("answer", "empty_think", "reasoning")
+CHORD_TOKEN_WEIGHTS = ("none", "p_one_minus_p")
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,11 @@ class ObjectiveConfig:
     kl_coef / kl_kind: KL(π_θ ‖ π_ref) penalty weight (>= 0, 0 = off) and estimator (losses.KL_ESTIMATORS).
     sft_share: for sft_rlvr, the fraction of optimizer steps spent in SFT, in [0, 1]; the RL stage starts with a
     fresh optimizer state and learning-rate schedule, as a second run would.
+    luffy_gamma: LUFFY's policy-shaping constant γ > 0 in π/(π + γ) (the paper's 0.1).
+    chord_mu_start / chord_mu_end: CHORD's SFT weight μ at the first and the last optimizer step, each in [0, 1],
+    cosine-decayed in between (the CHORD authors' CHORD-μ setting: 0.9 → 0.05). chord_token_weight: "none" (CHORD-μ)
+    or "p_one_minus_p" (CHORD-φ: each label token's log-likelihood weighted by φ = p(1 − p); the authors' CHORD-φ
+    runs a constant μ = 0.1: chord_mu_start = chord_mu_end = 0.1).
     """
 
     paradigm: str = "visurf"
@@ -110,6 +119,10 @@ class ObjectiveConfig:
     kl_coef: float = 0.0
     kl_kind: str = "low_var_kl"
     sft_share: float = 0.5
+    luffy_gamma: float = 0.1
+    chord_mu_start: float = 0.9
+    chord_mu_end: float = 0.05
+    chord_token_weight: str = "none"
 
     def __post_init__(self) -> None:
         paradigm = get_paradigm(self.paradigm)
@@ -145,6 +158,15 @@ class ObjectiveConfig:
         if self.kl_kind not in KL_ESTIMATORS:
             raise ValueError(f"kl_kind must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_kind!r}")
         _check_number("sft_share", self.sft_share, low=0.0, high=1.0)
+        _check_number("luffy_gamma", self.luffy_gamma, low=0.0)
+        if self.luffy_gamma == 0:
+            raise ValueError("luffy_gamma must be > 0 (γ = 0 makes the shaped weight π/(π + γ) constant), got 0")
+        _check_number("chord_mu_start", self.chord_mu_start, low=0.0, high=1.0)
+        _check_number("chord_mu_end", self.chord_mu_end, low=0.0, high=1.0)
+        if self.chord_token_weight not in CHORD_TOKEN_WEIGHTS:
+            raise ValueError(
+                f"chord_token_weight must be one of {CHORD_TOKEN_WEIGHTS}, got {self.chord_token_weight!r}"
+            )
 
 
 def stack_members(rollout: Tensor | None, label: Tensor | None) -> Tensor:
@@ -203,12 +225,17 @@ def _zero_std_fraction(group_advantages: Tensor) -> float:
 
 class Paradigm(ABC):
     """How one training paradigm assembles a batch. Subclasses set `needs_rollouts` / `needs_label` (whether each
-    prompt contributes G rollouts / its label as members) and implement `advantages` and `loss`; `register_paradigm`
-    sets `name`."""
+    prompt contributes rollouts / its label as members) and implement `advantages` and `loss`; `register_paradigm`
+    sets `name` and `paradigm_id` (the trainer logs it as `paradigm_stage`)."""
 
     name: ClassVar[str]
+    paradigm_id: ClassVar[int]
     needs_rollouts: ClassVar[bool]
     needs_label: ClassVar[bool]
+
+    def rollouts_per_prompt(self, cfg: ObjectiveConfig) -> int:
+        """How many completions the trainer samples per prompt: cfg.num_rollouts (G) with rollouts, else 0."""
+        return cfg.num_rollouts if self.needs_rollouts else 0
 
     @abstractmethod
     def advantages(
@@ -219,7 +246,8 @@ class Paradigm(ABC):
         *,
         smoothing_reference: tuple[Tensor, Tensor] | None = None,
     ) -> GroupAdvantages:
-        """Advantages from rewards. rollout_rewards: [B, G] (given iff `needs_rollouts`); label_rewards: [B] (given
+        """Advantages from rewards. rollout_rewards: [B, K] with K = `rollouts_per_prompt(cfg)` (given iff
+        `needs_rollouts`); label_rewards: [B] (given
         iff `needs_label`); reward units, floating. smoothing_reference: the rewards ViSurf's smoothing compares
         (`visurf_advantages`), ignored by paradigms without smoothing."""
 
@@ -252,7 +280,8 @@ class Paradigm(ABC):
 
     def member_is_label(self, num_prompts: int, cfg: ObjectiveConfig) -> Tensor:
         """The is_label flags [N] (bool) of a batch of `num_prompts` prompts in member order."""
-        rollout = torch.zeros(num_prompts, cfg.num_rollouts, dtype=torch.bool) if self.needs_rollouts else None
+        rollouts = self.rollouts_per_prompt(cfg)
+        rollout = torch.zeros(num_prompts, rollouts, dtype=torch.bool) if self.needs_rollouts else None
         label = torch.ones(num_prompts, dtype=torch.bool) if self.needs_label else None
         return stack_members(rollout, label)
 
@@ -263,15 +292,15 @@ class Paradigm(ABC):
             raise ValueError(f"rollout_rewards must be {'given' if self.needs_rollouts else 'None'} for {self.name}")
         if self.needs_label != (label_rewards is not None):
             raise ValueError(f"label_rewards must be {'given' if self.needs_label else 'None'} for {self.name}")
+        rollouts = self.rollouts_per_prompt(cfg)
         if rollout_rewards is not None and (
-            not isinstance(rollout_rewards, Tensor)
-            or rollout_rewards.ndim != 2
-            or rollout_rewards.shape[1] != cfg.num_rollouts
+            not isinstance(rollout_rewards, Tensor) or rollout_rewards.ndim != 2 or rollout_rewards.shape[1] != rollouts
         ):
             got = (
                 tuple(rollout_rewards.shape) if isinstance(rollout_rewards, Tensor) else type(rollout_rewards).__name__
             )
-            raise ValueError(f"rollout_rewards must have shape [B, num_rollouts={cfg.num_rollouts}], got {got}")
+            expected = f"num_rollouts={cfg.num_rollouts}" + (" − 1" if rollouts != cfg.num_rollouts else "")
+            raise ValueError(f"rollout_rewards must have shape [B, {expected}], got {got}")
         if label_rewards is not None and (
             not isinstance(label_rewards, Tensor) or label_rewards.ndim != 1 or not label_rewards.is_floating_point()
         ):
@@ -288,12 +317,13 @@ class Paradigm(ABC):
                 f"{is_label.dtype} {tuple(is_label.shape)}" if isinstance(is_label, Tensor) else type(is_label).__name__
             )
             raise ValueError(f"is_label must be a torch.bool tensor of shape ({num_members},), got {got}")
-        per_prompt = cfg.num_rollouts * self.needs_rollouts + self.needs_label
+        rollouts = self.rollouts_per_prompt(cfg)
+        per_prompt = rollouts + self.needs_label
         expected = self.member_is_label(num_members // per_prompt, cfg)
         if num_members % per_prompt or not torch.equal(is_label.cpu(), expected):
             raise ValueError(
                 f"is_label must follow {self.name}'s member order ({per_prompt} members per prompt: "
-                f"{cfg.num_rollouts * self.needs_rollouts} rollouts then {int(self.needs_label)} label)"
+                f"{rollouts} rollouts then {int(self.needs_label)} label)"
             )
 
     @staticmethod
