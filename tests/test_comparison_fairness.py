@@ -96,6 +96,13 @@ def test_staged_schedule_restarts_at_each_stage():
         StagedSchedule(total=10, warmup=0, starts=(2,))
 
 
+def test_constant_schedule_warms_up_then_holds_the_learning_rate_in_every_stage():
+    schedule = StagedSchedule(total=10, warmup=2, starts=(0, 4), shape="constant")
+    assert [schedule(s) for s in range(10)] == [0.5, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="schedule shape"):
+        StagedSchedule(total=10, warmup=0, shape="linear")
+
+
 @pytest.mark.parametrize("deepspeed", [False, True])
 def test_sft_rlvr_switch_gives_the_rl_stage_a_fresh_optimizer(small_policy_dir, deepspeed):
     """One SFT step, the switch, one RLVR step == one RLVR step of a new optimizer from the post-SFT weights."""

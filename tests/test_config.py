@@ -45,6 +45,7 @@ def test_overrides_are_typed_and_nested():
         ("objective.agg=mean", "agg"),
         ("objective.num_rollouts=two", "objective.num_rollouts"),
         ("optim.lr=0", "optim.lr"),
+        ("optim.schedule=linear", "optim.schedule"),
         ("steps=0", "steps"),
         ("rollout.backend=sglang", "rollout.backend"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),

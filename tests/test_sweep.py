@@ -238,3 +238,42 @@ def test_powered_presets_load_validate_and_run_their_first_trial(small_policy_di
     )
     metrics = launch(short)
     assert metrics["step"] == 2.0 and "eval/grounding/n_acc" in metrics
+
+
+@pytest.mark.ray
+def test_a_trial_whose_process_is_killed_restarts_from_its_checkpoint(small_policy_dir, tmp_path):
+    """`tune.max_failures`: a trial killed mid-run (a lost node, a preempted spot instance) is restarted by Tune from
+    its latest checkpoint and the sweep ends as if nothing happened."""
+    import psutil
+
+    name = "pytest-killed-trial"
+    experiment = tmp_path / "runs" / name
+    args = small_sweep_args(small_policy_dir, tmp_path, name, "{RLVR: {objective.paradigm: rlvr}}")
+    args = [a for a in args if not a.startswith("experiment.steps=")] + ["experiment.steps=12"]
+    process = subprocess.Popen(
+        [sys.executable, str(SWEEP), "--fresh", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not list(experiment.glob("*/checkpoint_00000[2-9]")):
+        assert process.poll() is None and time.time() < deadline, "the trial never checkpointed twice"
+        time.sleep(0.5)
+    trials = [p for p in psutil.Process(process.pid).children(recursive=True) if "ray::" in " ".join(p.cmdline())]
+    trials = [p for p in trials if "Trainable" in " ".join(p.cmdline()) or "run_trial" in " ".join(p.cmdline())]
+    assert len(trials) == 1, [p.cmdline() for p in trials]
+    trials[0].kill()
+    try:
+        stdout, stderr = process.communicate(timeout=400)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "1 trials, 0 failed" in stdout
+    trial_dir = next(p for p in experiment.iterdir() if p.is_dir())
+    assert "actor died unexpectedly" in (trial_dir / "error.txt").read_text()  # the kill, recorded, then retried
+    steps = [json.loads(row)["step"] for row in (trial_dir / "result.json").read_text().splitlines()]
+    assert steps[-1] == 12.0

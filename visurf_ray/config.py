@@ -83,6 +83,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine: decay to 10% of lr at the last step; constant: the paper's (after warmup)
     max_grad_norm: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
     micro_batches: int = 1  # forward/backward passes per optimizer step (prompt-aligned chunks of the members)
@@ -92,6 +93,7 @@ class OptimConfig:
         _check(self.lr > 0, "optim.lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.schedule in ("cosine", "constant"), "optim.schedule", self.schedule, "cosine or constant")
         _check(self.max_grad_norm > 0, "optim.max_grad_norm", self.max_grad_norm, "> 0")
 
 

@@ -38,6 +38,7 @@ class TuneSettings:
     max_concurrent_trials: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    max_failures: int = 2  # restarts of a trial whose process or node dies, each from its latest checkpoint
     wandb_project: str = "visurf_ray"
 
     def __post_init__(self):
@@ -49,6 +50,8 @@ class TuneSettings:
             raise ConfigError(f"tune.max_concurrent_trials={self.max_concurrent_trials} is invalid: expected >= 1")
         if self.cpus_per_trial <= 0:
             raise ConfigError(f"tune.cpus_per_trial={self.cpus_per_trial} is invalid: expected > 0")
+        if self.max_failures < 0:
+            raise ConfigError(f"tune.max_failures={self.max_failures} is invalid: expected >= 0")
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,7 @@ def build_tuner(sweep: SweepConfig, storage: Path, *, restore: bool):
             name=sweep.name,
             storage_path=str(storage),
             callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # 1 forces a state snapshot per checkpoint
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # 1 forces a state snapshot at every checkpoint
+            failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
         ),
     )

@@ -67,27 +67,39 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def warmup_constant(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup over `warmup` steps, then 1 (the paper's constant learning rate)."""
+    return (step + 1) / warmup if step < warmup else 1.0
+
+
+LR_SHAPES = {"cosine": warmup_cosine, "constant": warmup_constant}
+"""`optim.schedule` -> the multiplier of a stage's step: (step in the stage, the stage's length, warmup steps)."""
+
+
 @dataclass(frozen=True)
 class StagedSchedule:
     """LR multiplier of a run made of stages (e.g. SFT then RLVR): each stage starting at a step of `starts` (0 first,
-    increasing) runs its own `warmup_cosine` over its own length, as a separate run would. A picklable callable, so
-    that LambdaLR's state_dict keeps it."""
+    increasing) runs its own `shape` (a name in LR_SHAPES) over its own length, as a separate run would. A picklable
+    callable, so that LambdaLR's state_dict keeps it."""
 
     total: int
     warmup: int
     starts: tuple[int, ...] = (0,)
+    shape: str = "cosine"
 
     def __post_init__(self):
         if not self.starts or self.starts[0] != 0 or list(self.starts) != sorted(set(self.starts)):
             raise ValueError(f"stage starts must be increasing and begin at 0, got {self.starts}")
         if self.starts[-1] >= max(self.total, 1):
             raise ValueError(f"stage starts {self.starts} must lie below the total of {self.total} steps")
+        if self.shape not in LR_SHAPES:
+            raise ValueError(f"schedule shape must be one of {sorted(LR_SHAPES)}, got {self.shape!r}")
 
     def __call__(self, step: int) -> float:
         start = max(s for s in self.starts if s <= step)
         later = [s for s in self.starts if s > step]
         end = later[0] if later else self.total
-        return warmup_cosine(step - start, end - start, self.warmup)
+        return LR_SHAPES[self.shape](step - start, end - start, self.warmup)
 
 
 @dataclass
@@ -203,7 +215,7 @@ def build_engine(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, StagedSchedule(total_steps, optim.warmup_steps, tuple(stage_starts))
+        optimizer, StagedSchedule(total_steps, optim.warmup_steps, tuple(stage_starts), optim.schedule)
     )
     if not ds.enabled:
         return Engine(model, optimizer, scheduler, None, optim.max_grad_norm)
