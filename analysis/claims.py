@@ -3,8 +3,10 @@ and a verdict.
 
 `evaluate_claims(items, results, history)` takes the sweep's three tables (`analysis.results.load_items`,
 `load_results`, `load_history`) and returns one `Claim` per comparison; `format_claims` renders them as a markdown
-table. Which variant plays which role (the reference ViSurf, SFT, RLVR, SFT→RLVR, the ablation of each reward
-control) is read from the results' `config/objective.*` columns (`infer_roles`), never from names alone. Intervals are
+table. `evaluate_neighbours(items, results)` compares ViSurf with its single-stage neighbours LUFFY and CHORD the same
+way (not one of the paper's claims). Which variant plays which role (the reference ViSurf, SFT, RLVR, SFT→RLVR, LUFFY,
+CHORD, the ablation of each reward control) is read from the results' `config/objective.*` columns (`infer_roles`),
+never from names alone. Intervals are
 `analysis.intervals`' paired bootstrap over eval items and seeds (95% percentile); the step-cost ratio resamples each
 trial's steps and the seeds. A claim whose variant, eval set, step 0 or history is missing is "inconclusive" with a
 detail saying what is missing.
@@ -51,11 +53,14 @@ REFERENCE_IF_PRESENT = {"label_reasoning": False, "smoothing_rule": "literal"}
 missing value counts as the default)."""
 BASELINES = {"sft": "SFT", "rlvr": "RLVR", "sft_rlvr": "SFT-RLVR"}
 """Baseline roles: paradigm → the variant name preferred when several variants share the paradigm."""
+NEIGHBOURS = {"luffy": "LUFFY", "chord": "CHORD"}
+"""ViSurf's single-stage neighbours (other ways of mixing the label in), roles as BASELINES'."""
 ROLE_DESCRIPTIONS = {
     "visurf": "ViSurf (paradigm visurf; align_label, eliminate_label_thinking and smoothing true; label_reasoning "
     "false and smoothing_rule literal where set; the one named 'ViSurf' if several)",
     **{
-        role: f"{name} (the one paradigm-{role} variant, or the one named {name!r})" for role, name in BASELINES.items()
+        role: f"{name} (the one paradigm-{role} variant, or the one named {name!r})"
+        for role, name in (BASELINES | NEIGHBOURS).items()
     },
     **{
         f"ablation/{control}": f"ViSurf without {name} (as ViSurf in every objective setting but {control} false)"
@@ -152,10 +157,11 @@ def _ablation(configs: pd.DataFrame, reference: str | None, control: str) -> str
 def infer_roles(results: pd.DataFrame) -> dict[str, str | None]:
     """Role → variant (None when missing or ambiguous) from the results' paradigm and config/objective.* columns.
 
-    Roles: "visurf" (the reference), "sft", "rlvr", "sft_rlvr", and "ablation/<control>" for each of CONTROLS."""
+    Roles: "visurf" (the reference), "sft", "rlvr", "sft_rlvr", "luffy", "chord", and "ablation/<control>" for each
+    of CONTROLS."""
     configs = _configs(results)
     roles: dict[str, str | None] = {"visurf": _reference(configs)}
-    for paradigm, name in BASELINES.items():
+    for paradigm, name in (BASELINES | NEIGHBOURS).items():
         roles[paradigm] = _one(configs.index[configs["paradigm"] == paradigm], name)
     for control in CONTROLS:
         roles[f"ablation/{control}"] = _ablation(configs, roles["visurf"], control)
@@ -204,7 +210,7 @@ def _variant(roles: dict[str, str | None], role: str) -> str:
 
 def _label(roles: dict[str, str | None], role: str) -> str:
     """The role's variant name, or the paper's name for it when missing."""
-    default = {"visurf": "ViSurf", **BASELINES}.get(role, role)
+    default = {"visurf": "ViSurf", **BASELINES, **NEIGHBOURS}.get(role, role)
     return roles.get(role) or default
 
 
@@ -407,6 +413,29 @@ def evaluate_claims(
         *_forgetting(cells, roles, retained_sets),
         *_step_cost(history, roles, n_boot, seed),
         *_controls_help(cells, roles),
+    ]
+
+
+def evaluate_neighbours(
+    items: pd.DataFrame, results: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0
+) -> list[Claim]:
+    """ViSurf − X > 0 for X ∈ LUFFY, CHORD (NEIGHBOURS) on each post-training set's score and on the mean score, in
+    that order: is the label as group member G+1 better than the label replacing a rollout (LUFFY) or a μ-weighted SFT
+    term (CHORD)? Paired bootstrap intervals and verdicts as `evaluate_claims`'; a missing variant or eval set makes
+    its rows inconclusive."""
+    roles = infer_roles(results)
+    task_of = dict(zip(items["eval_set"], items["task"]))
+    columns = [f"{name}/score" for name in task_of if not name.startswith(RETAINED_PREFIX)] + [f"{MEAN_SET}/score"]
+    cells = _Cells(items, columns, n_boot, seed)
+    return [
+        _checked(
+            f"ViSurf beats {name} on {column.removesuffix('/score')}",
+            f"{_label(roles, 'visurf')} − {_label(roles, role)}: {column}",
+            ABOVE_ZERO,
+            lambda role=role, column=column: cells.difference(_variant(roles, "visurf"), _variant(roles, role), column),
+        )
+        for role, name in NEIGHBOURS.items()
+        for column in columns
     ]
 
 

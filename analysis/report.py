@@ -1,5 +1,6 @@
 """The sweep's report: every cell with its 95% interval, the paired "ViSurf − X" table, the paper's claims with a
-verdict, and what each variant was given (prompts, optimizer steps, wall time, evaluation's share).
+verdict, ViSurf against its single-stage neighbours (LUFFY, CHORD), and what each variant was given (prompts,
+optimizer steps, wall time, evaluation's share).
 
 A plain function of the three tables `experiments/sweep.py` writes (`analysis.results`); what it prints at the end
 of a sweep and writes to `summary.md`. Imports pandas and the analysis modules; never Ray.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.claims import evaluate_claims, format_claims
+from analysis.claims import NEIGHBOURS, evaluate_claims, evaluate_neighbours, format_claims
 from analysis.intervals import bootstrap, default_columns, half_width, interval_table, paired_table
 from analysis.results import variant_order
 
@@ -55,8 +56,9 @@ def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
 
 def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFrame, *, n_boot: int = 2000) -> str:
     """The report as markdown: intervals of every default column (`analysis.intervals.default_columns`), paired
-    differences to ViSurf, the claims and the budget table. Intervals: 95% percentile bootstrap over eval items
-    (stratified by slice) and seeds, paired across variants by item and seed."""
+    differences to ViSurf, the claims, ViSurf against LUFFY and CHORD (where the sweep has either) and the budget
+    table. Intervals: 95% percentile bootstrap over eval items (stratified by slice) and seeds, paired across
+    variants by item and seed."""
     columns = default_columns(items)
     boot = bootstrap(items, columns, n_boot=n_boot)
     final = items.loc[items.groupby("trial_id")["step"].transform("max") == items["step"]]
@@ -87,5 +89,8 @@ def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFra
     ]
     claims = evaluate_claims(items, results, history, n_boot=n_boot)
     parts += ["\n## The paper's claims on this sweep\n", format_claims(claims)]
+    if set(results["paradigm"]) & NEIGHBOURS.keys():
+        neighbours = evaluate_neighbours(items, results, n_boot=n_boot)
+        parts += ["\n## ViSurf vs its single-stage neighbours (LUFFY, CHORD)\n", format_claims(neighbours)]
     parts += ["\n## What each variant was given\n", _markdown(budget_table(results, history))]
     return "\n".join(parts) + "\n"

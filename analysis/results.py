@@ -16,8 +16,15 @@ from typing import Any
 
 import pandas as pd
 
-PARADIGM_ORDER = ("sft", "rlvr", "sft_rlvr", "visurf")
-PARADIGM_NAMES = {"sft": "SFT", "rlvr": "RLVR", "sft_rlvr": "SFT-RLVR", "visurf": "ViSurf"}
+PARADIGM_ORDER = ("sft", "rlvr", "sft_rlvr", "luffy", "chord", "visurf")
+PARADIGM_NAMES = {
+    "sft": "SFT",
+    "rlvr": "RLVR",
+    "sft_rlvr": "SFT-RLVR",
+    "luffy": "LUFFY",
+    "chord": "CHORD",
+    "visurf": "ViSurf",
+}
 CURVES = (
     "rollout/overall",
     "label/overall",
@@ -121,7 +128,8 @@ def load_items(results_dir: str | Path) -> pd.DataFrame:
 
 
 def variant_order(variants: Iterable[str], paradigm_of: Mapping[str, str]) -> list[str]:
-    """Paper order: SFT, RLVR, SFT→RLVR, ViSurf, then ablations (other ViSurf variants) by name."""
+    """Paper order: SFT, RLVR, SFT→RLVR, then ViSurf's neighbours LUFFY and CHORD, ViSurf, then ablations (other
+    ViSurf variants) by name."""
 
     def rank(variant: str) -> tuple[int, int, str]:
         paradigm = paradigm_of[variant]

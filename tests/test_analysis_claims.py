@@ -1,6 +1,6 @@
 """analysis.claims: role inference from the results' objective settings, the verdict rule, and the six claims on
 synthetic sweeps built so that every kind of claim reaches each verdict (supported, contradicted, inconclusive),
-with missing variants, a missing step 0 and the markdown table."""
+with missing variants, a missing step 0 and the markdown table; ViSurf against its neighbours LUFFY and CHORD."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from analysis.claims import (
     SUPPORTED,
     Claim,
     evaluate_claims,
+    evaluate_neighbours,
     format_claims,
     infer_roles,
     verdict,
@@ -33,6 +34,8 @@ VARIANTS = {  # variant: (paradigm, objective settings that differ from OBJECTIV
     "SFT": ("sft", {}),
     "RLVR": ("rlvr", {}),
     "SFT-RLVR": ("sft_rlvr", {}),
+    "LUFFY": ("luffy", {}),
+    "CHORD": ("chord", {}),
     "ViSurf": ("visurf", {}),
     "ViSurf-no-align": ("visurf", {"align_label": False}),
     "ViSurf-no-eliminate": ("visurf", {"eliminate_label_thinking": False}),
@@ -183,6 +186,8 @@ def test_infer_roles():
         "sft": "SFT",
         "rlvr": "RLVR",
         "sft_rlvr": "SFT-RLVR",
+        "luffy": "LUFFY",
+        "chord": "CHORD",
         "ablation/align_label": "ViSurf-no-align",
         "ablation/eliminate_label_thinking": "ViSurf-no-eliminate",
         "ablation/smoothing": "ViSurf-no-smoothing",
@@ -244,3 +249,29 @@ def test_format_claims(verdicts):
     assert "| – | – | inconclusive | no such variant" in format_claims(
         [Claim("c", "x", *[math.nan] * 3, INCONCLUSIVE, "no such variant: X")]
     )
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [(supported_sweep, SUPPORTED), (contradicted_sweep, CONTRADICTED), (inconclusive_sweep, INCONCLUSIVE)],
+)
+def test_visurf_against_each_neighbour_on_every_post_training_set_and_the_mean(build, expected):
+    """LUFFY and CHORD score as RLVR (supported), as the strong variant (contradicted) or in opposite phase to
+    ViSurf (inconclusive)."""
+    items, results, _ = build()
+    rows = evaluate_neighbours(items, results, n_boot=N_BOOT, seed=0)
+    sets = ("grounding", "gui_point", "anomaly", "mean")
+    assert [row.claim for row in rows] == [f"ViSurf beats {n} on {s}" for n in ("LUFFY", "CHORD") for s in sets]
+    assert rows[0].comparison == "ViSurf − LUFFY: grounding/score"
+    assert rows[-1].comparison == "ViSurf − CHORD: mean/score"
+    wrong = [(row.claim, row.verdict, row.low, row.high) for row in rows if row.verdict != expected]
+    assert not wrong and all(row.detail == "paired by seed" for row in rows)
+
+
+def test_a_missing_neighbour_makes_its_rows_inconclusive():
+    items, results, _ = supported_sweep()
+    rows = evaluate_neighbours(items, results[results["variant"] != "CHORD"], n_boot=N_BOOT)
+    chord = [row for row in rows if "CHORD" in row.claim]
+    assert len(chord) == 4 and all(row.verdict == INCONCLUSIVE and math.isnan(row.estimate) for row in chord)
+    assert chord[0].detail == "no such variant: CHORD (the one paradigm-chord variant, or the one named 'CHORD')"
+    assert all(row.verdict == SUPPORTED for row in rows if row not in chord)

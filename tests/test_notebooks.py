@@ -158,8 +158,10 @@ def test_sweep_report_prints_intervals_paired_differences_claims_and_budgets(tmp
         prompts_seen=lambda h: h["step"] * 8, train_time_total=1.0, eval_time_total=1.0, generated_tokens_total=5.0
     )
     report = sweep_report(load_results(tmp_path), history, load_items(tmp_path), n_boot=200)
-    for section in ("## Scores", "## ViSurf − X", "## The paper's claims", "## What each variant was given"):
+    sections = ("## Scores", "## ViSurf − X", "## The paper's claims", "## ViSurf vs its single-stage neighbours")
+    for section in (*sections, "## What each variant was given"):
         assert section in report
+    assert "| ViSurf beats LUFFY on mean | ViSurf − LUFFY: mean/score |" in report and "ViSurf − CHORD" in report
     assert "grounding/n_acc" in report and "N-Acc interval half-width" in report and "| SFT-RLVR |" in report
     assert "retained/count/score_change" in report and "50%" in report  # eval share of 1 s + 1 s
 

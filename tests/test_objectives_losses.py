@@ -1,11 +1,20 @@
-"""Clipped surrogate, SFT loss, KL penalty and aggregations against their direct formulas, in float64."""
+"""Clipped surrogate, LUFFY's policy shaping, SFT loss (plain and token-weighted), KL penalty and aggregations against
+their direct formulas, in float64."""
 
 import math
 
 import pytest
 import torch
 
-from visurf_ray.objectives import AGGREGATIONS, kl_penalty, masked_mean, policy_loss, sft_loss
+from visurf_ray.objectives import (
+    AGGREGATIONS,
+    clipped_surrogate,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    policy_shaping,
+    sft_loss,
+)
 
 F64 = torch.float64
 
@@ -117,6 +126,43 @@ def test_clipped_direction_has_zero_gradient(advantage, log_ratio, gradient_is_z
 def test_sft_loss_is_negative_aggregated_log_likelihood(agg):
     logp, _, mask, _ = _batch(seed=3)
     assert sft_loss(logp, mask, agg=agg).item() == pytest.approx(-_direct_aggregate(logp, mask, agg), rel=1e-13)
+
+
+@pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
+def test_token_weighted_sft_loss_weighs_each_log_likelihood(agg):
+    logp, _, mask, _ = _batch(seed=4)
+    weight = torch.rand(logp.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    expected = -_direct_aggregate(weight * logp, mask, agg)
+    assert sft_loss(logp, mask, agg=agg, token_weight=weight).item() == pytest.approx(expected, rel=1e-13)
+    assert (
+        sft_loss(logp, mask, agg=agg, token_weight=torch.ones_like(logp)).item() == sft_loss(logp, mask, agg=agg).item()
+    )
+    with pytest.raises(ValueError, match="token_weight must be"):
+        sft_loss(logp, mask, token_weight=weight[:, :2])
+
+
+def test_clipped_surrogate_is_policy_loss_before_aggregation():
+    logp, old_logp, mask, advantages = _batch(seed=5)
+    values, clipped = clipped_surrogate(logp, old_logp, advantages, mask, clip_low=0.1, clip_high=0.15)
+    loss, metrics = policy_loss(logp, old_logp, advantages, mask, clip_low=0.1, clip_high=0.15, agg="token-mean")
+    assert loss.item() == pytest.approx(_direct_aggregate(values, mask, "token-mean"), rel=1e-13)
+    assert metrics["clip_fraction"] == pytest.approx(_direct_aggregate(clipped.double(), mask, "token-mean"), rel=1e-13)
+    assert 0 < metrics["clip_fraction"] < 1
+
+
+def test_policy_shaping_value_and_gradient():
+    """f(π) = π/(π + γ) with d f / d log π = γπ/(π + γ)², largest (1/4) at π = γ."""
+    gamma = 0.1
+    probabilities = torch.tensor([1e-4, 0.05, 0.1, 0.5, 0.999], dtype=F64)
+    logp = probabilities.log().reshape(1, -1).requires_grad_()
+    shaped = policy_shaping(logp, gamma)
+    torch.testing.assert_close(shaped.detach()[0], probabilities / (probabilities + gamma), rtol=1e-14, atol=0)
+    shaped.sum().backward()
+    torch.testing.assert_close(logp.grad[0], gamma * probabilities / (probabilities + gamma) ** 2, rtol=1e-12, atol=0)
+    assert logp.grad[0, 2].item() == pytest.approx(0.25, rel=1e-12) and logp.grad.max() == logp.grad[0, 2]
+    for bad in (0.0, -0.1, float("inf"), True):
+        with pytest.raises(ValueError, match="gamma must be"):
+            policy_shaping(logp, bad)
 
 
 @pytest.mark.parametrize(

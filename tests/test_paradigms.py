@@ -1,18 +1,23 @@
-"""Paradigm registry, member order, schedules, configuration checks, and the ViSurf gradient identity, in float64."""
+"""Paradigm registry, member order, schedules, configuration checks, and the gradient identities of ViSurf, LUFFY
+(shaped off-policy term) and CHORD (μ-weighted sum of GRPO and SFT), in float64."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from visurf_ray.objectives import (
+    AGGREGATIONS,
     PARADIGMS,
     GroupAdvantages,
     ObjectiveConfig,
     Paradigm,
     get_paradigm,
     group_advantages,
+    masked_mean,
     policy_loss,
+    policy_shaping,
     register_paradigm,
     sft_loss,
     stack_members,
@@ -142,17 +147,29 @@ def test_token_mean_weighs_each_member_by_its_token_share():
 
 def test_builtin_paradigms_and_member_layout():
     cfg = ObjectiveConfig(num_rollouts=3)
-    layouts = {name: PARADIGMS[name].member_is_label(2, cfg).tolist() for name in ("sft", "rlvr", "visurf")}
+    names = ("sft", "rlvr", "visurf", "luffy", "chord")
+    layouts = {name: PARADIGMS[name].member_is_label(2, cfg).tolist() for name in names}
     assert layouts == {
         "sft": [True, True],
         "rlvr": [False] * 6,
         "visurf": [False, False, False, True, False, False, False, True],
+        "luffy": [False, False, True, False, False, True],  # G − 1 rollouts + the label: a group of G
+        "chord": [False, False, False, True, False, False, False, True],
     }
-    assert {name: (p.needs_rollouts, p.needs_label) for name, p in PARADIGMS.items()} == {
-        "sft": (False, True),
-        "rlvr": (True, False),
-        "visurf": (True, True),
-        "sft_rlvr": (True, True),
+    assert {name: PARADIGMS[name].rollouts_per_prompt(cfg) for name in names} == {
+        "sft": 0,
+        "rlvr": 3,
+        "visurf": 3,
+        "luffy": 2,
+        "chord": 3,
+    }
+    assert {name: (p.paradigm_id, p.needs_rollouts, p.needs_label) for name, p in PARADIGMS.items()} == {
+        "sft": (0, False, True),
+        "rlvr": (1, True, False),
+        "visurf": (2, True, True),
+        "sft_rlvr": (3, True, True),
+        "luffy": (4, True, True),
+        "chord": (5, True, True),
     }
 
 
@@ -195,6 +212,11 @@ def test_per_member_stacks_rollouts_then_label():
     assert rows.shape == (8, 5) and rows[3].tolist() == [1.0] * 5 and rows[4].tolist() == [0.0] * 5
 
 
+def _at_step(paradigm, cfg):
+    """The paradigm in effect at step 0 of a 1-step run (CHORD holds its μ there)."""
+    return get_paradigm(paradigm).for_step(0, 1, cfg)
+
+
 def _loss_inputs(paradigm, cfg, num_prompts=2, seed=0):
     is_label = PARADIGMS[paradigm].member_is_label(num_prompts, cfg)
     generator = torch.Generator().manual_seed(seed)
@@ -204,11 +226,11 @@ def _loss_inputs(paradigm, cfg, num_prompts=2, seed=0):
     return logp, logp.clone(), mask, advantages, is_label
 
 
-@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf"])
+@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "luffy", "chord"])
 def test_loss_metrics_separate_label_and_rollouts(paradigm):
     cfg = ObjectiveConfig(paradigm=paradigm, num_rollouts=3)
     logp, old_logp, mask, advantages, is_label = _loss_inputs(paradigm, cfg)
-    loss, metrics = get_paradigm(paradigm).loss(logp, old_logp, mask, advantages, is_label, cfg)
+    loss, metrics = _at_step(paradigm, cfg).loss(logp, old_logp, mask, advantages, is_label, cfg)
     assert metrics["loss"] == loss.item()
     assert ("label_logp_mean" in metrics) == get_paradigm(paradigm).needs_label
     assert ("rollout_logp_mean" in metrics) == get_paradigm(paradigm).needs_rollouts
@@ -217,26 +239,34 @@ def test_loss_metrics_separate_label_and_rollouts(paradigm):
         assert metrics["label_token_fraction"] == pytest.approx(1 / 4)
     if paradigm == "sft":
         assert loss.item() == pytest.approx(-logp.mean().item())
+    if paradigm in ("rlvr", "visurf", "luffy", "chord"):  # every policy-gradient paradigm reports the same core
+        assert {"pg_loss", "clip_fraction", "approx_kl"} <= metrics.keys()
+    if paradigm == "luffy":
+        assert metrics["label_token_fraction"] == pytest.approx(1 / 3)  # 2 rollouts + the label per prompt
+        assert {"label_shaped_ratio_mean", "label_shaping_weight_mean"} <= metrics.keys()
+    if paradigm == "chord":
+        assert metrics["chord_mu"] == cfg.chord_mu_start
+        assert loss.item() == pytest.approx(0.1 * metrics["pg_loss"] + 0.9 * metrics["sft_loss"], rel=1e-12)
 
 
-@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf"])
+@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "luffy", "chord"])
 def test_loss_rejects_members_out_of_order(paradigm):
     cfg = ObjectiveConfig(paradigm=paradigm, num_rollouts=3)
     logp, old_logp, mask, advantages, is_label = _loss_inputs(paradigm, cfg)
     flipped = is_label.clone()
     flipped[0] = ~flipped[0]
     with pytest.raises(ValueError, match="is_label must follow"):
-        get_paradigm(paradigm).loss(logp, old_logp, mask, advantages, flipped, cfg)
+        _at_step(paradigm, cfg).loss(logp, old_logp, mask, advantages, flipped, cfg)
     with pytest.raises(ValueError, match="is_label must be a torch.bool"):
-        get_paradigm(paradigm).loss(logp, old_logp, mask, advantages, is_label.long(), cfg)
+        _at_step(paradigm, cfg).loss(logp, old_logp, mask, advantages, is_label.long(), cfg)
 
 
-@pytest.mark.parametrize("paradigm", ["rlvr", "visurf"])
+@pytest.mark.parametrize("paradigm", ["rlvr", "visurf", "luffy", "chord"])
 def test_loss_rejects_incomplete_groups(paradigm):
     cfg = ObjectiveConfig(paradigm=paradigm, num_rollouts=3)
     logp, old_logp, mask, advantages, is_label = _loss_inputs(paradigm, cfg)
     with pytest.raises(ValueError, match="is_label must follow"):
-        get_paradigm(paradigm).loss(logp[1:], old_logp[1:], mask[1:], advantages[1:], is_label[1:], cfg)
+        _at_step(paradigm, cfg).loss(logp[1:], old_logp[1:], mask[1:], advantages[1:], is_label[1:], cfg)
 
 
 def test_kl_term_needs_ref_logp_and_adds_with_its_coefficient():
@@ -251,10 +281,11 @@ def test_kl_term_needs_ref_logp_and_adds_with_its_coefficient():
 
 
 def test_unknown_paradigm_names_the_argument_and_lists_known_ones():
-    with pytest.raises(ValueError, match=r"paradigm must be one of \['rlvr', 'sft', 'sft_rlvr', 'visurf'\]"):
-        get_paradigm("luffy")
+    known = r"\['chord', 'luffy', 'rlvr', 'sft', 'sft_rlvr', 'visurf'\]"
+    with pytest.raises(ValueError, match=rf"paradigm must be one of {known}, got 'srft'"):
+        get_paradigm("srft")
     with pytest.raises(ValueError, match="paradigm must be one of"):
-        ObjectiveConfig(paradigm="chord")
+        ObjectiveConfig(paradigm="hpt")
 
 
 @pytest.fixture
@@ -298,7 +329,7 @@ def test_sft_rlvr_schedule(sft_share, total_steps, sft_steps):
     assert stages == ["sft"] * sft_steps + ["rlvr"] * (total_steps - sft_steps)
 
 
-@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf"])
+@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "luffy"])
 def test_other_paradigms_are_their_own_stage(paradigm):
     cfg = ObjectiveConfig(paradigm=paradigm)
     assert get_paradigm(paradigm).for_step(0, 1, cfg) is get_paradigm(paradigm)
@@ -324,6 +355,8 @@ def test_schedule_is_not_an_objective_and_steps_are_checked():
         ("sft", None, [1.0, 0.0], "label_rewards must be a floating-point"),
         ("visurf", None, torch.zeros(2, dtype=F64), "rollout_rewards must be given for visurf"),
         ("visurf", torch.zeros(2, 4, dtype=F64), torch.zeros(2, dtype=F64), r"num_rollouts=3\], got \(2, 4\)"),
+        ("luffy", torch.zeros(2, 3, dtype=F64), torch.zeros(2, dtype=F64), r"num_rollouts=3 − 1\], got \(2, 3\)"),
+        ("chord", None, torch.zeros(2, dtype=F64), "rollout_rewards must be given for chord"),
     ],
 )
 def test_advantages_reject_missing_or_extra_members(paradigm, rollout_rewards, label_rewards, match):
@@ -347,6 +380,13 @@ def test_advantages_reject_missing_or_extra_members(paradigm, rollout_rewards, l
         ("kl_coef", float("nan")),
         ("kl_kind", "k3"),
         ("sft_share", 1.5),
+        ("luffy_gamma", 0.0),
+        ("luffy_gamma", -0.1),
+        ("luffy_gamma", float("inf")),
+        ("chord_mu_start", 1.5),
+        ("chord_mu_end", -0.1),
+        ("chord_mu_end", "0.05"),
+        ("chord_token_weight", "phi"),
     ],
 )
 def test_config_rejects_bad_fields_by_name(field, value):
@@ -357,6 +397,165 @@ def test_config_rejects_bad_fields_by_name(field, value):
 def test_config_defaults_and_sft_needs_no_rollouts():
     cfg = ObjectiveConfig()
     assert (cfg.paradigm, cfg.num_rollouts, cfg.agg, cfg.smoothing) == ("visurf", 8, "seq-mean-token-mean", True)
+    assert (cfg.luffy_gamma, cfg.chord_mu_start, cfg.chord_mu_end, cfg.chord_token_weight) == (0.1, 0.9, 0.05, "none")
+    with pytest.raises(ValueError, match="num_rollouts"):
+        ObjectiveConfig(paradigm="luffy", num_rollouts=1)  # a group of G = 2 at least: one rollout and the label
     assert ObjectiveConfig(paradigm="sft", num_rollouts=0).num_rollouts == 0
     with pytest.raises(ValueError, match="num_rollouts"):
         ObjectiveConfig(paradigm="sft_rlvr", num_rollouts=1)
+
+
+def _group_batch(paradigm, cfg, seed=0):
+    """Members of `paradigm` in order (per prompt: its rollouts, then the label) with ragged lengths, old log-probs
+    (rollouts: off by up to ±0.6 nats so that some tokens clip; labels: 3 nats below, which a ratio would clip), and
+    random advantages."""
+    rollouts = PARADIGMS[paradigm].rollouts_per_prompt(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    rollout_tokens = torch.randint(VOCAB, (PROMPTS, rollouts, LENGTH + 1), generator=generator)
+    label_tokens = torch.randint(VOCAB, (PROMPTS, LENGTH + 1), generator=generator)
+    rollout_lengths = torch.randint(2, LENGTH + 1, (PROMPTS, rollouts), generator=generator)
+    positions = torch.arange(LENGTH)
+    tokens = stack_members(rollout_tokens, label_tokens)
+    mask = stack_members(positions < rollout_lengths.unsqueeze(-1), positions < torch.tensor([[LENGTH], [3]]))
+    is_label = PARADIGMS[paradigm].member_is_label(PROMPTS, cfg)
+    with torch.no_grad():
+        logp = BigramLM()(tokens)
+    noise = 0.6 * (2 * torch.rand(logp.shape, generator=generator, dtype=F64) - 1)
+    old_logp = torch.where(is_label.unsqueeze(1), logp - 3.0, logp + noise)
+    advantages = torch.randn(len(tokens), generator=generator, dtype=F64)
+    return tokens, mask, is_label, old_logp, advantages
+
+
+def _member_shares(mask, agg):
+    """Each member's weight in the aggregate: 1/N per sequence, or its share of the tokens under token-mean."""
+    if agg == "token-mean":
+        return mask.sum(dim=1).double() / mask.sum()
+    return torch.full((len(mask),), 1 / len(mask), dtype=F64)
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
+def test_luffy_gradient_is_clipped_rollouts_plus_the_shaped_label(agg):
+    """LUFFY: ∇L = Σ_n w_n·∇L_n, rollouts' L_n the clipped surrogate, the label's L_y the token-mean of −Â_y·π/(π+γ)
+    whose gradient is −Â_y·γπ/(π+γ)²·∇ log π (written out here with the weight held fixed), unclipped although its
+    old log-probs are 3 nats away."""
+    cfg = ObjectiveConfig(paradigm="luffy", num_rollouts=GROUP, agg=agg)
+    gamma = cfg.luffy_gamma
+    tokens, mask, is_label, old_logp, advantages = _group_batch("luffy", cfg)
+    model = BigramLM()
+    assert len(tokens) == PROMPTS * GROUP  # G − 1 rollouts and the label per prompt
+
+    def luffy_loss():
+        return get_paradigm("luffy").loss(model(tokens), old_logp, mask, advantages, is_label, cfg)[0]
+
+    def member_loss(n):
+        logp = model(tokens[n : n + 1])
+        if not is_label[n]:
+            return policy_loss(logp, old_logp[n : n + 1], advantages[n : n + 1], mask[n : n + 1])[0]
+        probability = logp.detach().exp()
+        weight = gamma * probability / (probability + gamma) ** 2
+        return masked_mean(-advantages[n] * weight * logp, mask[n : n + 1])
+
+    shares = _member_shares(mask, agg)
+    expected = sum(shares[n] * _gradient(model, lambda n=n: member_loss(n)) for n in range(len(tokens)))
+    torch.testing.assert_close(_gradient(model, luffy_loss), expected, rtol=0, atol=1e-10)
+
+    with torch.no_grad():
+        logp = model(tokens)
+        loss, metrics = get_paradigm("luffy").loss(logp, old_logp, mask, advantages, is_label, cfg)
+        probability = logp.exp()
+        label_values = [
+            masked_mean(-advantages[n] * probability[n] / (probability[n] + gamma), mask[n])
+            for n in range(len(tokens))
+            if is_label[n]
+        ]
+        rollout_values = [
+            policy_loss(logp[n : n + 1], old_logp[n : n + 1], advantages[n : n + 1], mask[n : n + 1])[0]
+            for n in range(len(tokens))
+            if not is_label[n]
+        ]
+    values = torch.zeros(len(tokens), dtype=F64)
+    values[is_label], values[~is_label] = torch.stack(label_values), torch.stack(rollout_values)
+    assert loss.item() == pytest.approx((shares * values).sum().item(), abs=1e-12)
+    label_mask = mask & is_label.unsqueeze(1)
+    assert metrics["label_shaped_ratio_mean"] == pytest.approx(
+        masked_mean(policy_shaping(logp, gamma), label_mask).item(), rel=1e-12
+    )
+    assert 0 < metrics["label_shaping_weight_mean"] <= 0.25
+    rollout_only = policy_loss(logp[~is_label], old_logp[~is_label], advantages[~is_label], mask[~is_label])[1]
+    assert (
+        metrics["clip_fraction"] == pytest.approx(rollout_only["clip_fraction"], rel=1e-12)
+        and 0 < rollout_only["clip_fraction"]
+    )
+
+
+def test_luffy_advantages_put_the_label_in_a_group_of_g():
+    cfg = ObjectiveConfig(paradigm="luffy", num_rollouts=3)
+    rollout_rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 0.5]], dtype=F64)
+    label_rewards = torch.tensor([1.0, 1.0, 0.5], dtype=F64)
+    group = get_paradigm("luffy").advantages(rollout_rewards, label_rewards, cfg)
+    expected = group_advantages(torch.cat([rollout_rewards, label_rewards.unsqueeze(1)], dim=1))
+    assert torch.equal(group.rollout, expected[:, :2]) and torch.equal(group.label, expected[:, 2])
+    assert group.label[1].item() > 0  # a rollout reaches the label's reward: no smoothing in LUFFY
+    assert group.metrics["zero_std_fraction"] == pytest.approx(1 / 3)  # row 2: all three rewards 0.5
+    assert group.metrics["label_advantage_mean"] == pytest.approx(expected[:, 2].mean().item(), rel=1e-12)
+    advantages, is_label = group.per_member()
+    assert is_label.tolist() == get_paradigm("luffy").member_is_label(3, cfg).tolist()
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
+@pytest.mark.parametrize("token_weight", ["none", "p_one_minus_p"])
+def test_chord_gradient_is_the_mu_weighted_sum_of_grpo_and_sft(agg, token_weight):
+    """CHORD: ∇L = (1 − μ_t)·∇L_GRPO(rollouts) + μ_t·∇L_SFT(labels); for CHORD-φ, ∇L_SFT = ∇ −agg(p − p²/2) over the
+    labels, whose derivative in log p is −p(1 − p) = −φ: the detached φ written as an independent autograd identity."""
+    cfg = ObjectiveConfig(paradigm="chord", num_rollouts=GROUP, agg=agg, chord_token_weight=token_weight)
+    chord = get_paradigm("chord").for_step(3, 10, cfg)
+    assert cfg.chord_mu_end < chord.mu < cfg.chord_mu_start
+    tokens, mask, is_label, old_logp, advantages = _group_batch("chord", cfg, seed=1)
+    model = BigramLM()
+    aggregate = AGGREGATIONS[agg]
+
+    def chord_loss():
+        return chord.loss(model(tokens), old_logp, mask, advantages, is_label, cfg)[0]
+
+    def grpo():
+        rollouts = ~is_label
+        logp = model(tokens[rollouts])
+        return policy_loss(logp, old_logp[rollouts], advantages[rollouts], mask[rollouts], agg=agg)[0]
+
+    def sft():
+        logp = model(tokens[is_label])
+        if token_weight == "none":
+            return sft_loss(logp, mask[is_label], agg=agg)
+        probability = logp.exp()
+        return -aggregate(probability - probability**2 / 2, mask[is_label])
+
+    expected = (1 - chord.mu) * _gradient(model, grpo) + chord.mu * _gradient(model, sft)
+    torch.testing.assert_close(_gradient(model, chord_loss), expected, rtol=0, atol=1e-10)
+    _, metrics = chord.loss(model(tokens), old_logp, mask, advantages, is_label, cfg)
+    assert metrics["chord_mu"] == chord.mu and ("label_phi_mean" in metrics) == (token_weight == "p_one_minus_p")
+
+
+def test_chord_advantages_leave_the_label_out_of_the_group():
+    cfg = ObjectiveConfig(paradigm="chord", num_rollouts=3)
+    rollout_rewards = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]], dtype=F64)
+    label_rewards = torch.tensor([1.0, 1.0], dtype=F64)
+    group = get_paradigm("chord").advantages(rollout_rewards, label_rewards, cfg)
+    assert torch.equal(group.rollout, group_advantages(rollout_rewards))
+    assert torch.equal(group.label, torch.ones(2, dtype=F64))
+    assert group.metrics["zero_std_fraction"] == 0.5 and "label_advantage_mean" not in group.metrics
+
+
+def test_chord_mu_decays_by_a_cosine_over_the_run():
+    cfg = ObjectiveConfig(paradigm="chord")
+    mus = [get_paradigm("chord").for_step(step, 5, cfg).mu for step in range(5)]
+    assert mus == pytest.approx([0.05 + 0.85 * (1 + math.cos(math.pi * step / 4)) / 2 for step in range(5)], abs=1e-15)
+    assert mus[0] == pytest.approx(0.9, abs=1e-15) and mus[2] == pytest.approx(0.475, abs=1e-15) and mus[4] == 0.05
+    assert get_paradigm("chord").for_step(0, 1, cfg).mu == pytest.approx(0.9, abs=1e-15)
+    chord_phi = dataclasses.replace(cfg, chord_mu_start=0.1, chord_mu_end=0.1, chord_token_weight="p_one_minus_p")
+    assert {get_paradigm("chord").for_step(step, 7, chord_phi).mu for step in range(7)} == {0.1}
+    assert get_paradigm("chord").for_step(2, 5, cfg).name == "chord"
+    logp, old_logp, mask, advantages, is_label = _loss_inputs("chord", cfg)
+    with pytest.raises(ValueError, match="for_step"):
+        get_paradigm("chord").loss(logp, old_logp, mask, advantages, is_label, cfg)
+    with pytest.raises(ValueError, match="step must be"):
+        get_paradigm("chord").for_step(5, 5, cfg)

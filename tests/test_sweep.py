@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from visurf_ray.config import ConfigError
+from visurf_ray.objectives import PARADIGMS
 from visurf_ray.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def small_sweep_args(
 def test_default_sweep_covers_every_paradigm_and_ablation():
     sweep = load_sweep(DEFAULT_SWEEP)
     paradigms = {sweep.trial_config({"variant": v, "seed": 0}).objective.paradigm for v in sweep.variants}
-    assert paradigms == {"sft", "rlvr", "sft_rlvr", "visurf"}
+    assert paradigms == set(PARADIGMS) == {"sft", "rlvr", "sft_rlvr", "visurf", "luffy", "chord"}
     visurf = [sweep.trial_config({"variant": v, "seed": 0}).objective for v in sweep.variants]
     visurf = [o for o in visurf if o.paradigm == "visurf"]
     assert {(o.align_label, o.eliminate_label_thinking, o.smoothing, o.label_reasoning) for o in visurf} == {
@@ -59,6 +60,9 @@ def test_default_sweep_covers_every_paradigm_and_ablation():
         (True, True, True, True),
     }
     assert len(sweep.seeds) >= 2
+    powered = load_sweep(ROOT / "experiments" / "configs" / "sweep_tiny_paper.yaml")
+    powered_paradigms = [powered.trial_config({"variant": v, "seed": 0}).objective.paradigm for v in powered.variants]
+    assert sorted(powered_paradigms) == sorted(set(PARADIGMS))  # one variant per paradigm
 
 
 @pytest.mark.parametrize(
@@ -198,7 +202,7 @@ def test_full_default_sweep(monkeypatch):
 
     results = pd.read_parquet(out_dir / "results.parquet")
     sweep = load_sweep(DEFAULT_SWEEP)
-    assert results["trial_id"].nunique() == len(sweep.variants) * len(sweep.seeds) == 18
+    assert results["trial_id"].nunique() == len(sweep.variants) * len(sweep.seeds) == 22
     scores = results[results["metric"] == "score"].groupby(["variant", "seed"])["eval_set"].nunique()
     assert set(scores.index) == {(v, seed) for v in sweep.variants for seed in sweep.seeds}
     assert (scores == 5).all()  # grounding, gui_point, anomaly, retained/count and their mean
@@ -208,6 +212,7 @@ def test_full_default_sweep(monkeypatch):
     assert set(per_trial.index.get_level_values("step")) == {0, 24} and (per_trial == 700).all()  # 100 per slice
     summary = (out_dir / "summary.md").read_text()
     assert "## The paper's claims on this sweep" in summary and "ViSurf − RLVR" in summary
+    assert "ViSurf − LUFFY" in summary and "ViSurf − CHORD" in summary
 
 
 @pytest.mark.parametrize("preset", ["sweep_tiny_paper.yaml", "sweep_tiny_paper_ablations.yaml"])

@@ -38,7 +38,7 @@ def small_config(policy_dir, tmp_path, name, *extra):
     )
 
 
-@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "sft_rlvr"])
+@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "sft_rlvr", "luffy", "chord"])
 def test_in_process_loop_runs_every_paradigm(small_policy_dir, tmp_path, paradigm):
     cfg = small_config(small_policy_dir, tmp_path, paradigm, f"objective.paradigm={paradigm}")
     metrics = launch(cfg)
@@ -47,8 +47,11 @@ def test_in_process_loop_runs_every_paradigm(small_policy_dir, tmp_path, paradig
     assert "eval/retained/count/accuracy" in metrics
     lines = (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()
     stages = [json.loads(line)["paradigm_stage"] for line in lines]
-    expected = {"sft": [0, 0], "rlvr": [1, 1], "visurf": [2, 2], "sft_rlvr": [0, 1]}[paradigm]
+    expected = {"sft": [0, 0], "rlvr": [1, 1], "visurf": [2, 2], "sft_rlvr": [0, 1], "luffy": [4, 4], "chord": [5, 5]}
+    expected = expected[paradigm]
     assert stages == expected
+    if paradigm == "chord":  # μ decays from chord_mu_start at the first step to chord_mu_end at the last
+        assert [json.loads(line)["chord_mu"] for line in lines] == pytest.approx([0.9, 0.05], abs=1e-12)
     assert (run_dir(cfg) / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
 
 

@@ -144,7 +144,7 @@ def test_like_for_like_smoothing_keeps_the_label_against_a_near_miss(small_polic
     assert fired == {"literal": 1.0, "like_for_like": 0.0}
 
 
-@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf"])
+@pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "luffy", "chord"])
 def test_each_paradigm_updates_the_policy_with_its_members(small_policy_dir, paradigm):
     policy = load_policy(small_policy_dir)
     before = [p.detach().clone() for p in policy.model.parameters()]
@@ -154,17 +154,44 @@ def test_each_paradigm_updates_the_policy_with_its_members(small_policy_dir, par
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
     changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, policy.model.parameters()))
     assert changed > 0
-    has_label = paradigm in ("sft", "visurf")
-    has_rollouts = paradigm in ("rlvr", "visurf")
+    has_label = paradigm != "rlvr"
+    has_rollouts = paradigm != "sft"
     assert ("label/overall" in metrics) == has_label
     assert ("rollout/overall" in metrics) == has_rollouts
     assert ("label_token_fraction" in metrics) == has_label
     assert ("rollout_token_fraction" in metrics) == has_rollouts
     if paradigm == "sft":
         assert metrics["time/rollout"] < 0.5  # no sampling at all in SFT
+    assert metrics["paradigm_stage"] == get_paradigm(paradigm).paradigm_id
+    if has_rollouts:
+        assert {"clip_fraction", "approx_kl", "pg_loss", "rollout_reward_mean", "zero_std_fraction"} <= metrics.keys()
+    if paradigm == "chord":
+        assert metrics["chord_mu"] == pytest.approx(objective.chord_mu_start)
 
 
-def test_micro_batches_give_the_same_update_as_one_batch(small_policy_dir):
+def test_luffy_samples_g_minus_one_rollouts_and_puts_the_label_in_their_group(small_policy_dir):
+    """G = 4: three sampled rollouts (the scripted backend checks n = 3) and the label make each group of four."""
+    policy = load_policy(small_policy_dir)
+    G = 4
+    wrong = ['<think>x</think><answer>[{"bbox_2d": [0, 0, 1, 1], "point_2d": [0, 0]}]</answer>'] * (G - 1)
+    backend = ScriptedBackend(policy, lambda prompt: wrong)
+    objective = ObjectiveConfig(paradigm="luffy", num_rollouts=G, eps=0.0)
+    metrics = run_step(policy, backend, objective, grounding_samples(2))
+    assert backend.calls == 1 and metrics["paradigm_stage"] == 4.0
+    assert metrics["label_token_fraction"] + metrics["rollout_token_fraction"] == pytest.approx(1.0)
+    group = torch.tensor([metrics["rollout/overall"]] * (G - 1) + [metrics["label/overall"]], dtype=torch.float64)
+    expected = ((group[-1] - group.mean()) / group.std()).item()
+    assert metrics["label_advantage_mean"] == pytest.approx(expected, rel=1e-6)
+    assert 0 < metrics["label_shaping_weight_mean"] <= 0.25 and metrics["clip_fraction"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("paradigm", "num_rollouts", "agg"),
+    [("visurf", 3, "token-mean"), ("luffy", 4, "token-mean"), ("chord", 3, "seq-mean-token-mean")],
+)
+def test_micro_batches_give_the_same_update_as_one_batch(small_policy_dir, paradigm, num_rollouts, agg):
+    """Exact for every paradigm whose loss is one aggregation over the members (ViSurf, LUFFY), and for CHORD's two
+    per-term means under the per-sequence aggregations."""
     samples = make_split("posttrain", 4, seed=2)
     results = []
     for micro_batches in (1, 2):
@@ -177,7 +204,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(small_policy_dir):
                 "<answer>3</answer>",
             ],
         )
-        objective = ObjectiveConfig(paradigm="visurf", num_rollouts=3, agg="token-mean")
+        objective = ObjectiveConfig(paradigm=paradigm, num_rollouts=num_rollouts, agg=agg)
         run_step(policy, backend, objective, samples, micro_batches=micro_batches)
         results.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
     assert torch.allclose(results[0], results[1], atol=1e-10, rtol=0)

@@ -23,11 +23,14 @@ from torch import Tensor
 from visurf_ray.objectives.advantages import group_advantages, smoothing_mask, visurf_advantages
 from visurf_ray.objectives.losses import (
     KL_ESTIMATORS,
+    approx_kl,
     check_clip_range,
+    clipped_surrogate,
     get_aggregation,
     kl_penalty,
     masked_mean,
     policy_loss,
+    policy_shaping,
     sft_loss,
 )
 
@@ -96,9 +99,10 @@ class ObjectiveConfig:
     fresh optimizer state and learning-rate schedule, as a second run would.
     luffy_gamma: LUFFY's policy-shaping constant γ > 0 in π/(π + γ) (the paper's 0.1).
     chord_mu_start / chord_mu_end: CHORD's SFT weight μ at the first and the last optimizer step, each in [0, 1],
-    cosine-decayed in between (the CHORD authors' CHORD-μ setting: 0.9 → 0.05). chord_token_weight: "none" (CHORD-μ)
-    or "p_one_minus_p" (CHORD-φ: each label token's log-likelihood weighted by φ = p(1 − p); the authors' CHORD-φ
-    runs a constant μ = 0.1: chord_mu_start = chord_mu_end = 0.1).
+    cosine-decayed in between (0.9 → 0.05: the CHORD-μ values of the authors' released example, Trinity-RFT
+    examples/mix_chord). chord_token_weight: "none" (CHORD-μ) or "p_one_minus_p" (CHORD-φ: each label token's
+    log-likelihood weighted by φ = p(1 − p); that example runs CHORD-φ at a constant μ = 0.1: chord_mu_start =
+    chord_mu_end = 0.1).
     """
 
     paradigm: str = "visurf"
@@ -160,7 +164,7 @@ class ObjectiveConfig:
         _check_number("sft_share", self.sft_share, low=0.0, high=1.0)
         _check_number("luffy_gamma", self.luffy_gamma, low=0.0)
         if self.luffy_gamma == 0:
-            raise ValueError("luffy_gamma must be > 0 (γ = 0 makes the shaped weight π/(π + γ) constant), got 0")
+            raise ValueError(f"luffy_gamma must be > 0 (γ = 0 makes π/(π + γ) constant), got {self.luffy_gamma!r}")
         _check_number("chord_mu_start", self.chord_mu_start, low=0.0, high=1.0)
         _check_number("chord_mu_end", self.chord_mu_end, low=0.0, high=1.0)
         if self.chord_token_weight not in CHORD_TOKEN_WEIGHTS:
@@ -473,3 +477,164 @@ class SFTThenRLVR(Paradigm):
     def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
         """Refused: ask `for_step` for the stage in effect."""
         raise ValueError("paradigm 'sft_rlvr' is a schedule: call for_step(step, total_steps, cfg).loss(...)")
+
+
+@register_paradigm("luffy")
+class LUFFY(Paradigm):
+    """LUFFY-style mixed-policy GRPO (Yan et al. 2025, "Learning to Reason under Off-Policy Guidance",
+    arXiv 2504.14945): the label, an off-policy trace, *replaces* one of the G on-policy rollouts (G − 1 + 1).
+
+    Per prompt the trainer samples G − 1 rollouts (`rollouts_per_prompt`: one sequence fewer per prompt than RLVR and
+    ViSurf at the same G; the same prompts and optimizer steps); the label is member G. Advantages: GRPO over the G
+    members, `group_advantages([r(o_1), …, r(o_{G−1}), r(y)])` with cfg.unbiased_std / normalize_std / eps, and no
+    smoothing (LUFFY has no such control). The label's text and reward are ViSurf's (the trainer applies
+    cfg.align_label and cfg.eliminate_label_thinking to every paradigm with rollouts and a label), so that ViSurf,
+    LUFFY and CHORD mix the same label and differ only in how.
+
+    Loss per token t of member i, aggregated over all members by cfg.agg:
+      rollout tokens: max(−Â_i·ρ_t, −Â_i·clip(ρ_t, 1 − clip_low, 1 + clip_high)), ρ_t = π_θ/π_old (RLVR's);
+      label tokens:   −Â_y·f(π_t), f(π) = π/(π + γ), π_t = π_θ(y_t | x, y_<t), γ = cfg.luffy_gamma (0.1), unclipped.
+    LUFFY's off-policy ratio π_θ/π_φ takes the expert's π_φ = 1 (its probabilities are unknown) and policy shaping
+    replaces it by f(π_θ), with the gradient through π_θ: the label's term has gradient
+      −Â_y·γ·π_t/(π_t + γ)²·∇ log π_t,
+    an SFT-like gradient whose per-token weight (at most 1/4, at π = γ) vanishes on tokens the policy already finds
+    likely. Metrics beside RLVR's (clip_fraction and approx_kl over the rollouts' tokens, those of the clipped term):
+    label_advantage_mean, label_shaped_ratio_mean (mean f(π) over the label's tokens) and label_shaping_weight_mean
+    (mean γ·π/(π + γ)², the weight on ∇ log π; SFT's is 1).
+    """
+
+    needs_rollouts = True
+    needs_label = True
+
+    def rollouts_per_prompt(self, cfg):
+        """G − 1: the label takes the G-th slot of the group."""
+        return cfg.num_rollouts - 1
+
+    def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
+        """rollout_rewards [B, G − 1], label_rewards [B] -> advantages over each group of G. Metrics: reward means,
+        label_advantage_mean, zero_std_fraction (groups whose G rewards are all equal)."""
+        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
+        rewards = torch.cat([rollout_rewards, label_rewards.to(rollout_rewards.dtype).unsqueeze(1)], dim=1)
+        group = group_advantages(rewards, unbiased_std=cfg.unbiased_std, normalize_std=cfg.normalize_std, eps=cfg.eps)
+        metrics = {
+            "rollout_reward_mean": rollout_rewards.double().mean().item(),
+            "label_reward_mean": label_rewards.double().mean().item(),
+            "label_advantage_mean": group[:, -1].double().mean().item(),
+            "zero_std_fraction": _zero_std_fraction(group),
+        }
+        return GroupAdvantages(rollout=group[:, :-1], label=group[:, -1], metrics=metrics)
+
+    def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
+        """The clipped surrogate on rollout tokens and −Â·π/(π + γ) on label tokens, one aggregation (cfg.agg); the
+        label's old_logp is not used."""
+        clipped_values, clipped = clipped_surrogate(
+            logp, old_logp, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
+        )
+        self._check_members(is_label, logp.shape[0], cfg)
+        label_tokens = is_label.unsqueeze(1)
+        member_advantages = advantages.to(logp.dtype)
+        if member_advantages.ndim == 1:
+            member_advantages = member_advantages.unsqueeze(1)
+        shaped = policy_shaping(logp, cfg.luffy_gamma)
+        values = torch.where(label_tokens, -member_advantages * shaped, clipped_values)
+        loss = get_aggregation(cfg.agg)(values, mask)
+        rollout_mask, label_mask = mask & ~label_tokens, mask & label_tokens
+        with torch.no_grad():
+            probability = logp.exp()
+            metrics = {
+                "pg_loss": loss.item(),
+                "clip_fraction": masked_mean(clipped.to(logp.dtype), rollout_mask).item(),
+                "approx_kl": approx_kl(logp, old_logp, rollout_mask).item(),
+                "label_shaped_ratio_mean": masked_mean(shaped, label_mask).item(),
+                "label_shaping_weight_mean": masked_mean(
+                    cfg.luffy_gamma * probability / (probability + cfg.luffy_gamma) ** 2, label_mask
+                ).item(),
+            }
+        return self._finish(loss, metrics, logp, mask, is_label, cfg, ref_logp)
+
+
+@register_paradigm("chord")
+class CHORD(Paradigm):
+    """CHORD-style SFT and RL in one objective (Zhang et al. 2025, "On-Policy RL Meets Off-Policy Experts: Harmonizing
+    SFT and RL via Dynamic Weighting", arXiv 2508.11408). Members are ViSurf's (each prompt's G rollouts, then its
+    label, built as ViSurf's), but the label is not in the group:
+
+      L = (1 − μ_t)·L_GRPO(rollouts) + μ_t·L_SFT(labels)
+
+    L_GRPO: RLVR's clipped surrogate over the rollouts, with GRPO advantages over the G rollouts; L_SFT: `sft_loss`
+    over the labels; each term aggregated by cfg.agg over its own members. μ_t at optimizer step t of T decays by a
+    cosine from cfg.chord_mu_start (0.9) to cfg.chord_mu_end (0.05): the schedule and CHORD-μ values of the authors'
+    released example (Trinity-RFT examples/mix_chord, warm-up 0), its decay stretched over the whole run:
+      μ_t = μ_end + (μ_start − μ_end)·(1 + cos(π·t/(T − 1)))/2   (μ_start when T = 1).
+    CHORD-φ (cfg.chord_token_weight = "p_one_minus_p"): L_SFT = −agg(φ_t·log p_t), φ_t = p_t(1 − p_t),
+    p_t = π_θ(y_t | x, y_<t), with φ detached as in the authors' implementation: the gradient is −φ_t·∇ log p_t,
+    that of −agg(p − p²/2), largest where p = 1/2 and vanishing at both ends.
+
+    `for_step` returns the paradigm of step t (holding μ_t); the registered instance has no μ and refuses `loss`.
+    The label's advantage is 1 (unused: it is not in the group). Metrics beside RLVR's (clip_fraction and approx_kl
+    over the rollouts' tokens): chord_mu (μ_t), pg_loss (L_GRPO), sft_loss (L_SFT), label_phi_mean (CHORD-φ: mean φ).
+    Under "token-mean" each term is a token mean over its own members of the forward pass, so with
+    optim.micro_batches > 1 the step weighs chunk-level means by their token share (as the authors' implementation
+    weighs micro-batches); the per-sequence aggregations give the whole batch's loss exactly.
+    """
+
+    needs_rollouts = True
+    needs_label = True
+
+    def __init__(self, mu: float | None = None):
+        self.mu = mu
+
+    @staticmethod
+    def mu_at(step: int, total_steps: int, cfg: ObjectiveConfig) -> float:
+        """μ at 0-based optimizer step `step` of `total_steps`: the cosine from chord_mu_start to chord_mu_end."""
+        _check_step(step, total_steps)
+        progress = step / (total_steps - 1) if total_steps > 1 else 0.0
+        return cfg.chord_mu_end + (cfg.chord_mu_start - cfg.chord_mu_end) * (1 + math.cos(math.pi * progress)) / 2
+
+    def for_step(self, step, total_steps, cfg):
+        return CHORD(self.mu_at(step, total_steps, cfg))
+
+    def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
+        """GRPO advantages over the G rollouts; every label's advantage is 1. Metrics: reward means,
+        zero_std_fraction (groups whose G rollout rewards are all equal)."""
+        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
+        rollout = group_advantages(
+            rollout_rewards, unbiased_std=cfg.unbiased_std, normalize_std=cfg.normalize_std, eps=cfg.eps
+        )
+        metrics = {
+            "rollout_reward_mean": rollout_rewards.double().mean().item(),
+            "label_reward_mean": label_rewards.double().mean().item(),
+            "zero_std_fraction": _zero_std_fraction(rollout),
+        }
+        return GroupAdvantages(rollout=rollout, label=torch.ones_like(label_rewards), metrics=metrics)
+
+    def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
+        """(1 − μ)·`policy_loss`(rollouts) + μ·`sft_loss`(labels, φ-weighted for CHORD-φ); labels' advantages and
+        old_logp are not used."""
+        if self.mu is None:
+            raise ValueError(
+                "paradigm 'chord' weighs its terms by μ at a step: call for_step(step, total_steps, cfg).loss(...)"
+            )
+        if not isinstance(logp, Tensor) or logp.ndim != 2:
+            raise ValueError(f"logp must be a floating-point [N, T] tensor, got {type(logp).__name__}")
+        self._check_members(is_label, logp.shape[0], cfg)
+        rollouts = ~is_label
+        pg_loss, metrics = policy_loss(
+            logp[rollouts],
+            old_logp[rollouts],
+            advantages[rollouts],
+            mask[rollouts],
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            agg=cfg.agg,
+        )
+        label_logp, label_mask = logp[is_label], mask[is_label]
+        phi = None
+        if cfg.chord_token_weight == "p_one_minus_p":
+            probability = label_logp.detach().exp()
+            phi = probability * (1 - probability)
+            metrics["label_phi_mean"] = masked_mean(phi, label_mask).item()
+        sft = sft_loss(label_logp, label_mask, agg=cfg.agg, token_weight=phi)
+        loss = (1 - self.mu) * pg_loss + self.mu * sft
+        metrics |= {"pg_loss": pg_loss.item(), "sft_loss": sft.item(), "chord_mu": self.mu}
+        return self._finish(loss, metrics, logp, mask, is_label, cfg, ref_logp)

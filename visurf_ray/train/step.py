@@ -1,7 +1,8 @@
 """One optimizer step of any paradigm: rollouts → rewards → reward controls → advantages → loss → optimizer step.
 
-The data flow of ../shared/DESIGN.md. Members of a prompt are ordered as the objectives expect: its G rollouts, then
-its label (where the paradigm uses one). Never imports Ray: the loop that calls this runs in-process or under Ray Train.
+The data flow of ../shared/DESIGN.md. Members of a prompt are ordered as the objectives expect: its rollouts (G, or
+G − 1 where the label takes a slot of the group: `Paradigm.rollouts_per_prompt`), then its label (where the paradigm
+uses one). Never imports Ray: the loop that calls this runs in-process or under Ray Train.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def score_groups(
     samples: list[Sample], rollouts: Rollouts | None, objective: ObjectiveConfig, paradigm: Paradigm
 ) -> list[ScoredGroup]:
     """Score every rollout with its task's verifier (`objective.strict_format`) and build each label completion:
-    for the SFT paradigm (or stage) its `sft_label`; for a paradigm with rollouts and a label, ViSurf's label —
+    for the SFT paradigm (or stage) its `sft_label`; for a paradigm with rollouts and a label (ViSurf, LUFFY,
+    CHORD: the same label, mixed in differently), ViSurf's label —
     aligned to its own group's rollouts when `objective.align_label`, with the sample's reasoning when
     `objective.label_reasoning`, scored with its thinking reward eliminated when `objective.eliminate_label_thinking`.
     """
@@ -204,7 +206,7 @@ def train_step(
         policy.model.eval()
         rollouts = backend.generate(
             prompts,
-            objective.num_rollouts,
+            paradigm.rollouts_per_prompt(objective),
             sampling,
             seed,
             images=[s.image for s in samples],
@@ -337,7 +339,7 @@ def train_step(
     metrics["grad_norm"] = grad_norm
     metrics["lr"] = lr
     metrics["entropy"] = entropy_sum / max(tokens, 1.0)
-    metrics["paradigm_stage"] = {"sft": 0.0, "rlvr": 1.0, "visurf": 2.0}.get(paradigm.name, -1.0)
+    metrics["paradigm_stage"] = float(paradigm.paradigm_id)  # the stage a schedule ran (sft_rlvr: sft, then rlvr)
     if rollouts is not None:
         every = [c for g in groups for c in g.rollout_components]
         metrics.update(_mean_of(every, "rollout"))
