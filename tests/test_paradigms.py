@@ -488,6 +488,33 @@ def test_luffy_gradient_is_clipped_rollouts_plus_the_shaped_label(agg):
     )
 
 
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
+def test_unshaped_luffy_label_has_visurfs_sft_like_gradient(agg):
+    """objective.luffy_shaping=false: the label's term is −Â_y·π/sg(π), gradient −Â_y·∇ log π (no shaping weight,
+    no clipping), the rollouts' the clipped surrogate — LUFFY's group layout with ViSurf's label term."""
+    cfg = ObjectiveConfig(paradigm="luffy", num_rollouts=GROUP, agg=agg, luffy_shaping=False)
+    tokens, mask, is_label, old_logp, advantages = _group_batch("luffy", cfg)
+    model = BigramLM()
+
+    def luffy_loss():
+        return get_paradigm("luffy").loss(model(tokens), old_logp, mask, advantages, is_label, cfg)[0]
+
+    def member_loss(n):
+        logp = model(tokens[n : n + 1])
+        if not is_label[n]:
+            return policy_loss(logp, old_logp[n : n + 1], advantages[n : n + 1], mask[n : n + 1])[0]
+        return masked_mean(-advantages[n] * logp, mask[n : n + 1])
+
+    shares = _member_shares(mask, agg)
+    expected = sum(shares[n] * _gradient(model, lambda n=n: member_loss(n)) for n in range(len(tokens)))
+    torch.testing.assert_close(_gradient(model, luffy_loss), expected, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        metrics = get_paradigm("luffy").loss(model(tokens), old_logp, mask, advantages, is_label, cfg)[1]
+    assert metrics["label_shaped_ratio_mean"] == metrics["label_shaping_weight_mean"] == 1.0
+    with pytest.raises(ValueError, match="luffy_shaping must be a bool"):
+        ObjectiveConfig(paradigm="luffy", luffy_shaping="no")
+
+
 def test_luffy_advantages_put_the_label_in_a_group_of_g():
     cfg = ObjectiveConfig(paradigm="luffy", num_rollouts=3)
     rollout_rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 0.5]], dtype=F64)

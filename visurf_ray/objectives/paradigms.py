@@ -98,6 +98,8 @@ class ObjectiveConfig:
     sft_share: for sft_rlvr, the fraction of optimizer steps spent in SFT, in [0, 1]; the RL stage starts with a
     fresh optimizer state and learning-rate schedule, as a second run would.
     luffy_gamma: LUFFY's policy-shaping constant γ > 0 in π/(π + γ) (the paper's 0.1).
+    luffy_shaping: False replaces LUFFY's shaping of the label's tokens by the plain ratio π_θ/sg(π_θ) (gradient
+    −Â·∇log π, ViSurf's label term): an ablation that leaves LUFFY only its group layout (G − 1 rollouts + the label).
     chord_mu_start / chord_mu_end: CHORD's SFT weight μ at the first and the last optimizer step, each in [0, 1],
     cosine-decayed in between (0.9 → 0.05: the CHORD-μ values of the authors' released example, Trinity-RFT
     examples/mix_chord). chord_token_weight: "none" (CHORD-μ) or "p_one_minus_p" (CHORD-φ: each label token's
@@ -124,6 +126,7 @@ class ObjectiveConfig:
     kl_kind: str = "low_var_kl"
     sft_share: float = 0.5
     luffy_gamma: float = 0.1
+    luffy_shaping: bool = True
     chord_mu_start: float = 0.9
     chord_mu_end: float = 0.05
     chord_token_weight: str = "none"
@@ -150,6 +153,7 @@ class ObjectiveConfig:
             "eliminate_label_thinking",
             "label_reasoning",
             "strict_format",
+            "luffy_shaping",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -535,7 +539,10 @@ class LUFFY(Paradigm):
         member_advantages = advantages.to(logp.dtype)
         if member_advantages.ndim == 1:
             member_advantages = member_advantages.unsqueeze(1)
-        shaped = policy_shaping(logp, cfg.luffy_gamma)
+        if cfg.luffy_shaping:
+            shaped = policy_shaping(logp, cfg.luffy_gamma)
+        else:  # value 1, gradient ∇log π: the unshaped off-policy term (objective.luffy_shaping)
+            shaped = torch.exp(logp - logp.detach())
         values = torch.where(label_tokens, -member_advantages * shaped, clipped_values)
         loss = get_aggregation(cfg.agg)(values, mask)
         rollout_mask, label_mask = mask & ~label_tokens, mask & label_tokens
@@ -547,7 +554,10 @@ class LUFFY(Paradigm):
                 "approx_kl": approx_kl(logp, old_logp, rollout_mask).item(),
                 "label_shaped_ratio_mean": masked_mean(shaped, label_mask).item(),
                 "label_shaping_weight_mean": masked_mean(
-                    cfg.luffy_gamma * probability / (probability + cfg.luffy_gamma) ** 2, label_mask
+                    cfg.luffy_gamma * probability / (probability + cfg.luffy_gamma) ** 2
+                    if cfg.luffy_shaping
+                    else torch.ones_like(probability),
+                    label_mask,
                 ).item(),
             }
         return self._finish(loss, metrics, logp, mask, is_label, cfg, ref_logp)
