@@ -433,6 +433,25 @@ def _member_shares(mask, agg):
     return torch.full((len(mask),), 1 / len(mask), dtype=F64)
 
 
+def _assert_luffy_gradient(cfg, model, label_weight):
+    """∇ of LUFFY's loss = Σ_n w_n·∇L_n (w_n: the member's share under cfg.agg): rollouts' L_n the clipped surrogate,
+    the label's the token-mean of −Â_y·label_weight(log π)·log π with that weight held fixed."""
+    tokens, mask, is_label, old_logp, advantages = _group_batch("luffy", cfg)
+
+    def luffy_loss():
+        return get_paradigm("luffy").loss(model(tokens), old_logp, mask, advantages, is_label, cfg)[0]
+
+    def member_loss(n):
+        logp = model(tokens[n : n + 1])
+        if not is_label[n]:
+            return policy_loss(logp, old_logp[n : n + 1], advantages[n : n + 1], mask[n : n + 1])[0]
+        return masked_mean(-advantages[n] * label_weight(logp) * logp, mask[n : n + 1])
+
+    shares = _member_shares(mask, cfg.agg)
+    expected = sum(shares[n] * _gradient(model, lambda n=n: member_loss(n)) for n in range(len(tokens)))
+    torch.testing.assert_close(_gradient(model, luffy_loss), expected, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
 def test_luffy_gradient_is_clipped_rollouts_plus_the_shaped_label(agg):
     """LUFFY: ∇L = Σ_n w_n·∇L_n, rollouts' L_n the clipped surrogate, the label's L_y the token-mean of −Â_y·π/(π+γ)
@@ -444,20 +463,12 @@ def test_luffy_gradient_is_clipped_rollouts_plus_the_shaped_label(agg):
     model = BigramLM()
     assert len(tokens) == PROMPTS * GROUP  # G − 1 rollouts and the label per prompt
 
-    def luffy_loss():
-        return get_paradigm("luffy").loss(model(tokens), old_logp, mask, advantages, is_label, cfg)[0]
-
-    def member_loss(n):
-        logp = model(tokens[n : n + 1])
-        if not is_label[n]:
-            return policy_loss(logp, old_logp[n : n + 1], advantages[n : n + 1], mask[n : n + 1])[0]
+    def shaped_label_weight(logp):
         probability = logp.detach().exp()
-        weight = gamma * probability / (probability + gamma) ** 2
-        return masked_mean(-advantages[n] * weight * logp, mask[n : n + 1])
+        return gamma * probability / (probability + gamma) ** 2
 
+    _assert_luffy_gradient(cfg, model, shaped_label_weight)
     shares = _member_shares(mask, agg)
-    expected = sum(shares[n] * _gradient(model, lambda n=n: member_loss(n)) for n in range(len(tokens)))
-    torch.testing.assert_close(_gradient(model, luffy_loss), expected, rtol=0, atol=1e-10)
 
     with torch.no_grad():
         logp = model(tokens)
@@ -495,19 +506,7 @@ def test_unshaped_luffy_label_has_visurfs_sft_like_gradient(agg):
     cfg = ObjectiveConfig(paradigm="luffy", num_rollouts=GROUP, agg=agg, luffy_shaping=False)
     tokens, mask, is_label, old_logp, advantages = _group_batch("luffy", cfg)
     model = BigramLM()
-
-    def luffy_loss():
-        return get_paradigm("luffy").loss(model(tokens), old_logp, mask, advantages, is_label, cfg)[0]
-
-    def member_loss(n):
-        logp = model(tokens[n : n + 1])
-        if not is_label[n]:
-            return policy_loss(logp, old_logp[n : n + 1], advantages[n : n + 1], mask[n : n + 1])[0]
-        return masked_mean(-advantages[n] * logp, mask[n : n + 1])
-
-    shares = _member_shares(mask, agg)
-    expected = sum(shares[n] * _gradient(model, lambda n=n: member_loss(n)) for n in range(len(tokens)))
-    torch.testing.assert_close(_gradient(model, luffy_loss), expected, rtol=0, atol=1e-10)
+    _assert_luffy_gradient(cfg, model, torch.ones_like)
     with torch.no_grad():
         metrics = get_paradigm("luffy").loss(model(tokens), old_logp, mask, advantages, is_label, cfg)[1]
     assert metrics["label_shaped_ratio_mean"] == metrics["label_shaping_weight_mean"] == 1.0

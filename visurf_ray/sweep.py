@@ -13,7 +13,6 @@ import dataclasses
 import os
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,8 +206,11 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, storage: str) -> None:
     cfg = dataclasses.replace(cfg, name=RUN_NAME, output_dir=str(trial_dir), log_to=log_to)
     check_paths(cfg)
     if cfg.ray.num_workers == 0:
-        StopFlag.watch(sweep.name, on_raise=close_open_sinks)
-        run_training(cfg, TuneSession(sweep.tune.wandb_project))
+        finished = StopFlag.watch(sweep.name, on_raise=close_open_sinks)
+        try:
+            run_training(cfg, TuneSession(sweep.tune.wandb_project))
+        finally:
+            finished.set()  # the actor may run another trial next: stop watching for this one
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -277,23 +279,26 @@ class StopFlag:
         ray.get(_STOP_FLAGS[sweep_name].raise_flag.remote())
 
     @classmethod
-    def watch(cls, sweep_name: str, on_raise) -> None:
-        """Call `on_raise()` from a daemon thread once the sweep's flag is raised or the driver that owns it is gone."""
+    def watch(cls, sweep_name: str, on_raise) -> threading.Event:
+        """Call `on_raise()` from a daemon thread once the sweep's flag is raised or the driver that owns it is gone;
+        setting the returned event ends the watch without calling it."""
         import ray
 
         flag = ray.get_actor(cls.actor_name(sweep_name))
+        finished = threading.Event()
 
         def poll() -> None:
-            while True:
+            while not finished.wait(cls.POLL_SECONDS):
                 try:
-                    if ray.get(flag.is_raised.remote()):
-                        break
+                    raised = ray.get(flag.is_raised.remote())
                 except ray.exceptions.RayError:
-                    break
-                time.sleep(cls.POLL_SECONDS)
-            on_raise()
+                    raised = True
+                if raised:
+                    on_raise()
+                    return
 
         threading.Thread(target=poll, name="visurf-stop-flag", daemon=True).start()
+        return finished
 
 
 def build_tuner(sweep: SweepConfig, storage: Path, *, restore: bool):
