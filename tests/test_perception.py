@@ -11,11 +11,13 @@ from visurf_ray.train.perception import (
     CONCEPTS,
     DECIDING,
     PROBE_THRESHOLD,
+    binding_share,
     concept_samples,
     count_question,
     perception_checks,
     probe_accuracy,
     probe_features,
+    two_object_queries,
 )
 
 
@@ -37,6 +39,29 @@ def test_count_question_asks_for_the_grounding_querys_look_on_the_same_image():
         assert asked.task == "count" and asked.image is sample.image
 
 
+def _answer(box: list[int]) -> str:
+    return f'<think></think><answer>[{{"bbox_2d": {box}, "point_2d": [0, 0]}}]</answer>'
+
+
+def test_query_binding_counts_finds_of_the_asked_object_among_finds_of_either():
+    samples = two_object_queries(4)
+    asked, other = [], []
+    for sample in samples:
+        assert sample.meta["objects"] == 2 and sample.solution != "[]"
+        scene = sample.meta["scene"]
+        target = [o for o in scene if (o["colour"], o["shape"]) == (sample.meta["attribute"], sample.meta["shape"])]
+        assert len(target) == 1
+        asked.append(_answer(target[0]["bbox_2d"]))
+        other.append(_answer(next(o for o in scene if o is not target[0])["bbox_2d"]))
+    assert binding_share(samples, asked) == 1.0 and binding_share(samples, other) == 0.0
+    assert binding_share(samples, asked[:2] + other[2:]) == 0.5
+    missing = ["<answer>[]</answer>", "no answer", _answer([0, 0, 3, 3]), asked[3]]
+    assert binding_share(samples, missing) == 1.0  # only the one answer that finds an object counts
+    assert np.isnan(binding_share(samples[:1], missing[:1]))
+    with pytest.raises(ValueError, match="two-object"):
+        binding_share(concept_samples(CONCEPTS["anomaly"], 1)[0][:1], asked[:1])
+
+
 def test_probe_reads_a_separable_concept_and_not_noise():
     rng = np.random.default_rng(0)
     labels = np.array([0, 1] * 50)
@@ -52,8 +77,10 @@ def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
     hidden = policy.model.config.text_config.hidden_size
     assert features["prompt"].shape == (6, hidden) and features["image"].shape[0] == 6
     results = perception_checks(policy, per_class=10, max_new_tokens=4)
-    assert set(results) == {"no_object_prompt", "no_object_count_answer", "anomaly_image", "anomaly_prompt"}
-    assert set(DECIDING.values()) <= set(results) and all(0.0 <= v <= 1.0 for v in results.values())
+    probes = {"no_object_prompt", "no_object_count_answer", "anomaly_image", "anomaly_prompt"}
+    assert set(results) == probes | {"query_binding"} and set(DECIDING.values()) <= probes
+    assert all(0.0 <= results[name] <= 1.0 for name in probes)
+    assert np.isnan(results["query_binding"])  # 4 tokens cannot hold a box: no answer finds an object
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +101,8 @@ def test_anomaly_defects_are_visible_to_the_base_model(base_model_checks):
     strict=True,
     reason="the tiny base model does not see absence yet: asked 'How many <colour> <shape>s are there?' on the "
     "no-object images, its answer is 0 at chance (balanced accuracy 0.53 < 0.8), so the no-object slice cannot "
-    "show ViSurf's effect; strict, so that this test fails once a base model passes and the mark must go",
+    "show ViSurf's effect. Why (query_binding 0.525, chance 0.5): it finds *an* object without reading which one "
+    "was asked; strict, so that this test fails once a base model passes and the mark must go",
 )
 def test_absence_is_visible_to_the_base_model(base_model_checks):
     assert base_model_checks[DECIDING["no_object"]] >= PROBE_THRESHOLD

@@ -41,7 +41,8 @@ Splits (`make_split(name, n, seed)`, `iter_split(name, seed)`):
   "pretrain" for the others (count). `meta["slice"]` names the item's evaluation slice: grounding "seen" (the query
   names a pretraining colour or none), "unseen_attribute" (it names purple) or "no_object"; anomaly "clean" or
   "defect"; gui_point and count "all". `meta` also holds "kind"; for grounding "no_object", "attribute" (the queried
-  colour or None), "unseen_attribute" and "unseen_in_image".
+  colour or None), "shape" (the queried shape or None), "unseen_attribute", "unseen_in_image" and "scene" (every
+  object's colour, shape and bbox_2d).
 Solutions are compact JSON, the dataset's style (`answers.DATASET_SEPARATORS`); pretraining targets write them in
 the model's spaced style (`target_text`), so the raw label and the model's answers differ in tokens as in the paper.
 - "retained/<task>" for `RETAINED_TASKS` (count): held-out items of pretrain tasks that post-training does not train
@@ -266,6 +267,7 @@ def _grounding_meta(kind: str, colour: str | None, shape: str | None, objects: l
         "unseen_in_image": any(o.colour == UNSEEN_COLOUR for o in objects),
         "no_object": no_object,
         "objects": len(objects),
+        "scene": [{"colour": o.colour, "shape": o.shape, "bbox_2d": o.box} for o in objects],
     }
 
 

@@ -12,6 +12,10 @@ any post-training. Classes are balanced (chance 0.5); a concept counts as visibl
     the same image — balanced accuracy of "0" against absence: asked in a form it was taught, does it see it?
   - "no_object_prompt": a linear probe on the language model's last hidden state at the grounding prompt's last token
     (diagnostic: whether the grounding question itself already carries it).
+  - "query_binding" (diagnostic, the prerequisite of both): on two-object "Find the <colour> <shape>." items, of the
+    greedy answers whose first box finds one of the two objects (IoU > 0.5), the share that finds the queried one.
+    A model that localises objects without reading which one was asked scores chance, and then cannot tell whether
+    the asked look is there either.
 - "anomaly" (is the texture clean or defective?):
   - "anomaly_image" (deciding): a linear probe on the vision tower's image tokens (flattened);
   - "anomaly_prompt": a linear probe on the last prompt hidden state.
@@ -38,6 +42,8 @@ from visurf_ray.data.sample import Sample
 from visurf_ray.models.inputs import encode_prompts, image_features, prompt_states
 from visurf_ray.models.policy import Policy
 from visurf_ray.rewards.count import predicted_answer
+from visurf_ray.rewards.geometry import box_iou
+from visurf_ray.rewards.grounding import parse_prediction
 
 PROBE_THRESHOLD = 0.8
 """Held-out probe accuracy at which a concept counts as visible to the base model (chance: 0.5)."""
@@ -126,11 +132,36 @@ def count_answer_accuracy(policy: Policy, samples: list[Sample], absent: np.ndar
     return float(np.mean([np.mean(says_none[absent == 1]), np.mean(~says_none[absent == 0])]))
 
 
+def binding_share(samples: list[Sample], answers: list[str]) -> float:
+    """Of the `answers` to two-object single-object queries (`samples`) whose first box has IoU > 0.5 with one of the
+    scene's objects (`meta["scene"]`), the share on the queried object (chance 0.5); NaN if none finds any."""
+    on_target = []
+    for sample, answer in zip(samples, answers, strict=True):
+        if sample.meta.get("objects") != 2 or "scene" not in sample.meta:
+            raise ValueError(f"query binding needs two-object grounding items; {sample.id} is not one")
+        prediction = parse_prediction(answer)
+        box = prediction[0][0] if prediction else None
+        if box is None:
+            continue
+        asked = (sample.meta["attribute"], sample.meta["shape"])
+        for placed in sample.meta["scene"]:
+            if box_iou(box, tuple(placed["bbox_2d"])) > 0.5:
+                on_target.append((placed["colour"], placed["shape"]) == asked)
+    return float(np.mean(on_target)) if on_target else float("nan")
+
+
+def two_object_queries(count: int, seed: int = 0) -> list[Sample]:
+    """The first `count` held-out two-object "Find the <colour> <shape>." items (pretraining colours)."""
+    concept = CONCEPTS["no_object"]
+    where = lambda m: concept.negative(m) and m["objects"] == 2  # noqa: E731
+    return list(itertools.islice(iter_split(concept.split, seed, where=where), count))
+
+
 def perception_checks(
-    policy: Policy, *, per_class: int = 100, seed: int = 0, max_new_tokens: int = 64
+    policy: Policy, *, per_class: int = 100, seed: int = 0, max_new_tokens: int = 128
 ) -> dict[str, float]:
     """Every check's accuracy by name (module docstring): probes `<concept>_<features>` for every feature set a
-    concept reads, and "no_object_count_answer"."""
+    concept reads, "no_object_count_answer", and "query_binding" on 2 · `per_class` items."""
     results = {}
     for name, concept in CONCEPTS.items():
         samples, labels = concept_samples(concept, per_class, seed)
@@ -139,4 +170,8 @@ def perception_checks(
             results[f"{name}_{reads}"] = probe_accuracy(features[reads], labels, seed=seed)
         if name == "no_object":
             results["no_object_count_answer"] = count_answer_accuracy(policy, samples, labels, max_new_tokens)
+    from visurf_ray.train.evaluate import greedy_answers
+
+    queries = two_object_queries(2 * per_class, seed)
+    results["query_binding"] = binding_share(queries, greedy_answers(policy, queries, max_new_tokens))
     return results
