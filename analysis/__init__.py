@@ -1,2 +1,3 @@
-"""Analyses of the suite's runs, used from the repository root (not installed): the gradient derivation checks
-(`gradients.py`, also a CLI), sweep results as tables and plots (`results.py`), and the notebooks in `notebooks/`."""
+"""Analyses of the suite's runs: the gradient derivation checks (`gradient_identities.py`, the identities on tensors;
+`gradients.py`, on a policy's sampled groups and a run's checkpoints; `gradient_plots.py`; the command is
+`experiments/gradients.py`), sweep results as tables and plots (`results.py`), and the notebooks in `notebooks/`."""

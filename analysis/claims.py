@@ -1,5 +1,5 @@
-"""The paper's claims (../shared/PAPER.md) checked on a sweep: each claim's difference or ratio, its bootstrap interval
-and a verdict.
+"""The ViSurf paper's claims (arXiv 2510.10606) checked on a sweep: each claim's difference or ratio, its bootstrap
+interval and a verdict.
 
 `evaluate_claims(items, results, history)` takes the sweep's three tables (`analysis.results.load_items`,
 `load_results`, `load_history`) and returns one `Claim` per comparison; `format_claims` renders them as a markdown
@@ -397,7 +397,7 @@ def _columns(post_sets: dict[str, str], retained_sets: list[str]) -> list[str]:
 def evaluate_claims(
     items: pd.DataFrame, results: pd.DataFrame, history: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0
 ) -> list[Claim]:
-    """The paper's claims 1–6 (module docstring of this file; ../shared/PAPER.md) on one sweep's tables, in order:
+    """The paper's claims 1–6 (module docstring of this file) on one sweep's tables, in order:
     ViSurf beats each baseline per post-training set; its gain over RLVR is largest beyond knowledge; RLVR gains ≈ 0
     where rollouts never succeed; SFT and SFT→RLVR forget retained sets more; ViSurf's step cost ≈ RLVR's; each
     reward control helps. n_boot draws of the bootstrap, seeded by `seed` (>= 0)."""

@@ -31,7 +31,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import variant_order
-from visurf_ray.rewards.metrics import TASK_METRICS, ItemMetric, reported_metrics
+from visurf_ray.rewards import get_task
+from visurf_ray.rewards.item_metrics import ItemMetric
+from visurf_ray.rewards.metrics import reported_metrics
 
 LEVEL = 0.95
 """Coverage of the percentile intervals."""
@@ -159,7 +161,7 @@ def _trials(items: pd.DataFrame) -> dict[str, list[_Trial]]:
 def _item_metric(task: str, metric: str) -> ItemMetric | None:
     """The ItemMetric of `metric` ("score": the headline) for `task`, None if it reports no such metric."""
     if metric == "score":
-        metric = TASK_METRICS[task].headline if task in TASK_METRICS else metric
+        metric = get_task(task).HEADLINE
     return reported_metrics(task).get(metric)
 
 

@@ -1,4 +1,4 @@
-"""The GPU check of issue #4: ViSurf steps on a randomly initialised Qwen2.5-VL of Qwen2.5-VL-3B's text shape, in
+"""The GPU check: ViSurf steps on a randomly initialised Qwen2.5-VL of Qwen2.5-VL-3B's text shape, in
 bfloat16 with DeepSpeed ZeRO-2 and HF-generate rollouts, first under Ray Train (one GPU worker), then in this process.
 
     bash benchmarks/gpu_check.sh                   # on the GPU machine: installs the carried .whl kit, then this
@@ -8,9 +8,9 @@ Model: text hidden 2048, 36 layers, MLP 11008, 16 heads (2 KV heads), vocabulary
 tiny builder's small vision tower (the benchmark's 112-px images are 16 image tokens) and its small trained tokenizer:
 throughput does not depend on which tokens the ids stand for, so no real Qwen vocabulary is needed, but the
 embedding and LM head have their real size. Prompts are the offline benchmark's; a random model's completions run to
-max_new_tokens. Each path runs the trainer's `train_step` through benchmarks/step_time.py's StepRunner (the loop's
-set-up without evaluation or checkpoints: a 3B model's DeepSpeed checkpoint is ~45 GB), `--warmup` unmeasured steps,
-then `--steps` measured ones; figures are medians over the measured steps.
+max_new_tokens. Each path runs the trainer (`Trainer.from_config`) through `benchmarks.step_runner.StepRunner` (the
+loop's set-up without evaluation or checkpoints: a 3B model's DeepSpeed checkpoint is ~45 GB), `--warmup` unmeasured
+steps, then `--steps` measured ones; figures are medians over the measured steps.
 
 Printed, as the last line (and written to --json after each path): per path, step time and its rollout / reward /
 update split, HF rollout tokens/s (generated tokens / rollout time), update tokens/s (prompt + completion tokens of
@@ -36,8 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from step_time import StepRunner  # noqa: E402  (benchmarks/ is this script's own folder)
-
+from benchmarks.step_runner import StepRunner  # noqa: E402
 from visurf_ray.config import ExperimentConfig, config_from_dict, load_config  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per card, FLOP/s
@@ -134,7 +133,7 @@ def measure(cfg: ExperimentConfig, warmup: int) -> dict:
     import torch
 
     runner = StepRunner(cfg)
-    device = runner.policy.device
+    device = runner.trainer.policy.device
     steps = []
     for step in range(cfg.steps):
         metrics = runner.step(step)
@@ -197,8 +196,8 @@ def run_ray_train(cfg: ExperimentConfig, warmup: int, storage: Path) -> dict:
 
     from visurf_ray.train.launcher import init_ray
 
-    # Ray's worker processes inherit this environment: they import step_time and visurf_ray like this script.
-    paths = [str(ROOT), str(ROOT / "benchmarks"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    # Ray's workers inherit this environment: they import benchmarks.step_runner and visurf_ray as this script does.
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)
     init_ray()
     try:

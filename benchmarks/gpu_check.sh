@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue #4 on the lent GPU machine (offline): install the carried wheel kit into /tmp/site, then run
+# The GPU check on the lent GPU machine (offline): install the carried wheel kit into /tmp/site, then run
 # benchmarks/gpu_check.py (arguments are passed on). The log and the JSON summary go to $OUT (the device tool's
 # folder that comes back), else /tmp/gpu_check. Prepare the kit here first: see benchmarks/README.md.
 #   device run, carry [".whl"]:  bash benchmarks/gpu_check.sh

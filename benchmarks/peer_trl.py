@@ -6,7 +6,7 @@
 
 Step time: each trainer runs in its own worker process (its own peak RSS), both from the same saved weights, on the
 same prompts in the same order (TRL's sampler unshuffled, fed our loop's batches). Our side is
-`benchmarks/step_time.py`'s StepRunner (the trainer's `build_engine` + `train_step`) with RLVR and the aggregation
+`benchmarks.step_runner.StepRunner` (the trainer, `Trainer.from_config`) with RLVR and the aggregation
 matching TRL's `loss_type`; TRL's side is `GRPOTrainer.train()` paused between optimizer steps by a callback. The
 parent alternates them one step at a time, flipping the order every pair; the verdict is the median of per-pair
 ratios. Both sample with temperature 1, top-p 1, no top-k, at most `rollout.max_new_tokens` tokens, with the
@@ -37,14 +37,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from visurf_ray.config import ExperimentConfig, load_config  # noqa: E402
 
 PEER_VENV = ROOT / ".venv-peer"
 PEER_REQUIREMENTS = ROOT / "benchmarks" / "requirements-peer.txt"
 DEFAULT_CONFIG = ROOT / "experiments" / "configs" / "tiny_cpu.yaml"
-TARGET_RATIO = 0.7  # issue #7: our step at most 0.7x TRL's
+TARGET_RATIO = 0.7  # the goal: our step at most 0.7x TRL's
 CHECK_RTOL = 1e-5  # float32 rounding of TRL's log-probs and advantages, relative to the largest value
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo"}  # our agg -> TRL loss_type with the same value
 # The comparison's defaults: RLVR, token-mean (TRL's default loss_type "dapo"), TRL's 1e-4 std offset, 48 new tokens.
@@ -185,8 +184,8 @@ def build_trl_trainer(
 def _ours_worker(cfg_dict: dict, threads: int, conn) -> None:
     """Our trainer: answers each step number with (seconds, generated tokens, peak RSS MiB)."""
     import torch
-    from step_time import StepRunner
 
+    from benchmarks.step_runner import StepRunner
     from visurf_ray.config import config_from_dict
 
     torch.set_num_threads(threads)
@@ -232,7 +231,7 @@ def _peak_rss_mib() -> float:
 
 def benchmark(cfg: ExperimentConfig, warmup: int, pairs: int, threads: int) -> dict:
     """Alternate our step and TRL's; per side the medians, and the median of per-pair ratios ours/TRL."""
-    from step_time import random_tiny_model
+    from benchmarks.step_runner import random_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="peer-") as scratch:
         model_dir = random_tiny_model(Path(scratch) / "model", cfg.seed)
@@ -285,8 +284,8 @@ def benchmark(cfg: ExperimentConfig, warmup: int, pairs: int, threads: int) -> d
 def check_loss(cfg: ExperimentConfig) -> dict[str, float]:
     """One TRL batch scored by TRL and by us on the same float64 weights: largest absolute differences."""
     import torch
-    from step_time import random_tiny_model
 
+    from benchmarks.step_runner import random_tiny_model
     from visurf_ray.models.inputs import completion_logprobs, encode_prompts, encode_sequences
     from visurf_ray.objectives.paradigms import get_paradigm
 

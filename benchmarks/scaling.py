@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from visurf_ray.config import ExperimentConfig, load_config  # noqa: E402
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from step_time import random_tiny_model
+    from benchmarks.step_runner import random_tiny_model
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="scaling-") as scratch:

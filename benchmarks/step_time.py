@@ -5,7 +5,7 @@ ViSurf; `--paradigms rlvr,luffy,chord` compares ViSurf's neighbours with RLVR).
                                    [key=value ...]
 
 Each paradigm trains in its own worker process (so that each has its own peak memory), all from the same weights,
-through the trainer's own `build_engine` and `train_step` with the config of experiments/configs/tiny_cpu.yaml (plus
+through the trainer (`Trainer.from_config`) with the config of experiments/configs/tiny_cpu.yaml (plus
 `key=value` overrides). The parent runs them in turn, one step at a time, in interleaved rounds whose order flips
 every round: the machines drift by ±10–15%, so the verdict is the median of the per-round ratios to the first
 paradigm (the baseline). Default model: a randomly initialised tiny Qwen2.5-VL (TinyVLMSpec defaults), whose
@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -30,81 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from visurf_ray.config import ExperimentConfig, load_config  # noqa: E402
+from benchmarks.step_runner import StepRunner, random_tiny_model  # noqa: E402
+from visurf_ray.config import load_config  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "experiments" / "configs" / "tiny_cpu.yaml"
 DEFAULT_PARADIGMS = "rlvr,visurf"
-TARGET_RATIO = 1.05  # issue #4: ViSurf's step time at most 1.05x RLVR's
+TARGET_RATIO = 1.05  # the goal: ViSurf's step time at most 1.05x RLVR's
 TIMES = ("step_time", "time/rollout", "time/reward", "time/update")
-
-
-class StepRunner:
-    """One paradigm's trainer in this process: the policy loaded from `cfg.model`, its engine, rollout backend and
-    training prompts, set up as `visurf_ray.train.loop.run_training` sets them up (without evaluation or
-    checkpoints). `step(i)` runs optimizer step i on the loop's batch for step i (rank 0 of 1)."""
-
-    def __init__(self, cfg: ExperimentConfig):
-        import torch
-
-        from visurf_ray.objectives.paradigms import get_paradigm
-        from visurf_ray.rollout.base import SamplingConfig
-        from visurf_ray.train.data import train_dataset
-        from visurf_ray.train.engine import build_engine
-        from visurf_ray.train.models import resolve_policy
-        from visurf_ray.train.rollout import make_backend
-
-        torch.manual_seed(cfg.seed)
-        self.cfg = cfg
-        self.paradigm = get_paradigm(cfg.objective.paradigm)
-        self.policy = resolve_policy(cfg.model)
-        self.dataset = train_dataset(cfg)
-        members = cfg.data.prompts_per_step * (cfg.objective.num_rollouts + 1)
-        self.engine = build_engine(
-            self.policy.model,
-            cfg.optim,
-            cfg.deepspeed,
-            total_steps=cfg.steps,
-            micro_batch=max(1, members // cfg.optim.micro_batches),
-        )
-        self.policy.model = self.engine.module
-        self.backend = make_backend(cfg.rollout, self.policy)
-        self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.policy.model.parameters())
-
-    def step(self, step: int) -> dict[str, float]:
-        """Metrics of `train_step` plus `update_sequence_tokens`: the prompt and completion tokens (no padding) its
-        forward and backward passes cover (each prompt once where its members share it)."""
-        from visurf_ray.train.loop import batch_for_step, step_seed
-        from visurf_ray.train.step import train_step
-
-        cfg = self.cfg
-        samples = batch_for_step(self.dataset, step, cfg.data.prompts_per_step, 0, 1, cfg.seed)
-        metrics = train_step(
-            policy=self.policy,
-            engine=self.engine,
-            backend=self.backend,
-            paradigm=self.paradigm.for_step(step, cfg.steps, cfg.objective),
-            objective=cfg.objective,
-            samples=samples,
-            sampling=self.sampling,
-            seed=step_seed(cfg.seed, step, 0),
-            micro_batches=cfg.optim.micro_batches,
-        )
-        self.backend.sync_weights(self.engine.module)
-        metrics["update_sequence_tokens"] = metrics["update_prompt_tokens"] + metrics["update_tokens"]
-        return metrics
-
-    def peak_memory_mib(self) -> float:
-        """Peak allocated CUDA memory of the policy's device, else this process's peak RSS (MiB)."""
-        import torch
-
-        device = self.policy.device
-        if device.type == "cuda":
-            return torch.cuda.max_memory_allocated(device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def _worker(cfg_dict: dict, threads: int, conn) -> None:
@@ -119,15 +50,6 @@ def _worker(cfg_dict: dict, threads: int, conn) -> None:
     while (step := conn.recv()) is not None:
         metrics = runner.step(step)
         conn.send({"metrics": metrics, "peak_mib": runner.peak_memory_mib()})
-
-
-def random_tiny_model(folder: Path, seed: int) -> Path:
-    """Save a randomly initialised tiny Qwen2.5-VL (TinyVLMSpec defaults) into `folder`."""
-    from visurf_ray.data.benchmark import text_corpus
-    from visurf_ray.models.tiny import TinyVLMSpec, build_tiny_vlm
-
-    build_tiny_vlm(text_corpus(seed=seed), TinyVLMSpec(), seed=seed, out_dir=folder)
-    return folder
 
 
 def summarise(runs: dict[str, list[dict]], setup: dict[str, dict]) -> dict:

@@ -139,7 +139,7 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
     from analysis.report import sweep_report
     from analysis.results import plot_curves, plot_task_bars, write_tables
     from visurf_ray.config import TINY_BASE_MODEL, load_config
-    from visurf_ray.sweep import StopFlag, build_tuner
+    from visurf_ray.sweep import StopFlag, build_tuner, check_shared_storage
 
     started, memory = time.perf_counter(), MemoryWatch()
     base = load_config(sweep.experiment, [f"{k}={v}" for k, v in sweep.overrides.items()])
@@ -151,6 +151,7 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
     if fresh and (storage / sweep.name).exists():
         shutil.rmtree(storage / sweep.name)
     print(connect_ray(), flush=True)
+    check_shared_storage(storage)
     tuner = build_tuner(sweep, storage, restore=not fresh)
     with interrupts.tuning(on_stop=functools.partial(StopFlag.raise_for, sweep.name)):
         result_grid = tuner.fit()

@@ -1,6 +1,7 @@
-"""analysis.gradients: the ViSurf gradient identities in float64 (residuals below 1e-8) on random small autoregressive
-models and on a small random tiny VLM (constructed and sampled groups), the outcome split, checkpoints of a
-LocalSession run (plain torch and DeepSpeed engine files), bad input, and the CLI."""
+"""The gradient derivation checks (analysis.gradient_identities, analysis.gradients, experiments/gradients.py): the
+ViSurf gradient identities in float64 (residuals below 1e-8) on random small autoregressive models and on a small random
+tiny VLM (constructed and sampled groups), the outcome split, checkpoints of a LocalSession run (plain torch and
+DeepSpeed engine files), bad input, and the CLI."""
 
 from __future__ import annotations
 
@@ -13,27 +14,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.gradients import (
+from analysis.gradient_identities import (
     CHECKS,
     TOLERANCE,
-    GradientCheckConfig,
     all_fail_label_advantage,
+    group_outcome,
+    identity_residuals,
+    paradigm_gradients,
+    residual_summary,
+)
+from analysis.gradients import (
+    GradientCheckConfig,
     analyse_checkpoints,
     checkpoint_policies,
     constructed_groups,
     gradient_table,
-    group_outcome,
-    identity_residuals,
-    load_checkpoint_weights,
     load_float64_policy,
-    paradigm_gradients,
-    residual_summary,
     sample_groups,
 )
 from visurf_ray.data.benchmark import make_split
 from visurf_ray.models.inputs import completion_logprobs, encode_prompts, encode_sequences
 from visurf_ray.models.policy import load_policy
 from visurf_ray.objectives.paradigms import ObjectiveConfig
+from visurf_ray.train.engine import load_saved_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,40 +214,9 @@ def test_float64_policy_computes_the_same_function_in_float64(small_policy_dir, 
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
-def train_run(policy_dir: Path, out: Path, *, deepspeed: bool) -> Path:
-    """A 2-step ViSurf LocalSession run with a checkpoint after each step; returns its run folder."""
-    from visurf_ray.config import load_config
-    from visurf_ray.train.launcher import run_dir
-    from visurf_ray.train.loop import LocalSession, run_training
-
-    cfg = load_config(
-        None,
-        [
-            "name=run",
-            f"output_dir={out}",
-            f"model.path={policy_dir}",
-            "steps=2",
-            "eval_every=0",
-            "checkpoint_every=1",
-            "data.prompts_per_step=2",
-            "data.eval_size=2",
-            "data.eval_splits=[eval/grounding]",
-            "objective.num_rollouts=2",
-            "rollout.max_new_tokens=8",
-            "rollout.eval_max_new_tokens=8",
-            "optim.lr=1e-2",
-            f"deepspeed.enabled={str(deepspeed).lower()}",
-            "log_to=[]",
-        ],
-    )
-    session = LocalSession(run_dir(cfg), verbose=False)
-    run_training(cfg, session, scratch_dir=session.scratch_dir)
-    return run_dir(cfg)
-
-
 @pytest.mark.parametrize("deepspeed", [False, True])
-def test_checkpoints_of_a_run_folder(small_policy_dir, tmp_path, deepspeed):
-    run = train_run(small_policy_dir, tmp_path, deepspeed=deepspeed)
+def test_checkpoints_of_a_run_folder(small_policy_dir, small_run, deepspeed):
+    run = small_run("optim.lr=1e-2", f"deepspeed.enabled={str(deepspeed).lower()}")
     weights = "engine/mp_rank_00_model_states.pt" if deepspeed else "engine.pt"
     assert (run / "checkpoints" / "step_000002" / weights).is_file()
     base = load_float64_policy(small_policy_dir)
@@ -284,7 +256,7 @@ def test_bad_input_is_refused(small_policy, tmp_path):
     with pytest.raises(ValueError, match="incomplete checkpoint"):
         list(checkpoint_policies(tmp_path))
     with pytest.raises(ValueError, match="holds neither"):
-        load_checkpoint_weights(small_policy, tmp_path / "checkpoints" / "step_000001")
+        load_saved_weights(small_policy.model, tmp_path / "checkpoints" / "step_000001")
     logp = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
     objective = ObjectiveConfig(num_rollouts=2, agg="token-mean")
     with pytest.raises(ValueError, match="seq-mean-token-mean"):
@@ -295,7 +267,7 @@ def test_cli_prints_the_summary_and_writes_table_and_plots(small_policy_dir, tmp
     out = tmp_path / "out"
     command = [
         sys.executable,
-        "analysis/gradients.py",
+        "experiments/gradients.py",
         "--checkpoint",
         str(small_policy_dir),
         "--prompts",

@@ -11,13 +11,16 @@ import torch
 
 from visurf_ray.config import DeepSpeedConfig, OptimConfig
 from visurf_ray.data.benchmark import make_split, target_text
+from visurf_ray.models.generation import Rollouts
 from visurf_ray.models.policy import load_policy
 from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm
 from visurf_ray.rewards.controls import label_completion
-from visurf_ray.rollout.base import Rollouts, SamplingConfig
+from visurf_ray.rollout.base import SamplingConfig
 from visurf_ray.rollout.hf import HFRolloutBackend
-from visurf_ray.train.engine import StagedSchedule, build_engine, warmup_cosine
-from visurf_ray.train.step import score_groups, sft_label, smoothing_reference, train_step
+from visurf_ray.train.engine import build_engine
+from visurf_ray.train.schedules import StagedSchedule
+from visurf_ray.train.step import score_groups, sft_label, smoothing_reference
+from visurf_ray.train.trainer import Trainer
 
 
 def first_of(kind: str, split: str = "posttrain"):
@@ -90,8 +93,8 @@ def test_anomaly_near_miss_fires_only_the_literal_smoothing_rule():
 
 def test_staged_schedule_restarts_at_each_stage():
     schedule = StagedSchedule(total=10, warmup=2, starts=(0, 4))
-    assert [schedule(s) for s in range(4)] == [warmup_cosine(s, 4, 2) for s in range(4)]
-    assert [schedule(s) for s in range(4, 10)] == [warmup_cosine(s, 6, 2) for s in range(6)]
+    assert [schedule(s) for s in range(4)] == [StagedSchedule(total=4, warmup=2)(s) for s in range(4)]
+    assert [schedule(s) for s in range(4, 10)] == [StagedSchedule(total=6, warmup=2)(s) for s in range(6)]
     with pytest.raises(ValueError, match="begin at 0"):
         StagedSchedule(total=10, warmup=0, starts=(2,))
 
@@ -100,7 +103,7 @@ def test_constant_schedule_warms_up_then_holds_the_learning_rate_in_every_stage(
     schedule = StagedSchedule(total=10, warmup=2, starts=(0, 4), shape="constant")
     assert [schedule(s) for s in range(10)] == [0.5, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="schedule shape"):
-        StagedSchedule(total=10, warmup=0, shape="linear")
+        StagedSchedule(total=10, warmup=0, shape="step")
 
 
 @pytest.mark.parametrize("deepspeed", [False, True])
@@ -112,41 +115,28 @@ def test_sft_rlvr_switch_gives_the_rl_stage_a_fresh_optimizer(small_policy_dir, 
     starts = get_paradigm("sft_rlvr").stage_starts(2, objective)
     assert starts == (0, 1)
 
-    def step(policy, engine, index, total):
-        train_step(
+    def trainer(policy, engine, paradigm, total):
+        return Trainer(
             policy=policy,
             engine=engine,
             backend=HFRolloutBackend(policy),
-            paradigm=get_paradigm("sft_rlvr").for_step(index, total, objective),
+            paradigm=get_paradigm(paradigm),
             objective=objective,
-            samples=samples,
             sampling=SamplingConfig(max_new_tokens=8),
-            seed=index,
+            total_steps=total,
         )
 
     policy = load_policy(small_policy_dir)
     engine = build_engine(policy.model, optim, ds, total_steps=2, micro_batch=2, stage_starts=starts)
-    policy.model = engine.module
-    step(policy, engine, 0, 2)
+    staged = trainer(policy, engine, "sft_rlvr", 2)
+    staged.step(0, samples, seed=0)
     assert engine.torch_optimizer().state  # SFT moments
-    engine.reset_optimizer_state()
-    assert not engine.torch_optimizer().state and engine.lr == pytest.approx(optim.lr)
     after_sft = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-    step(policy, engine, 1, 2)
+    staged.step(1, samples, seed=1)  # the stage switch resets the optimizer state before the RL step
 
     fresh_policy = load_policy(small_policy_dir)
     fresh_policy.model.load_state_dict(after_sft)
     fresh = build_engine(fresh_policy.model, optim, ds, total_steps=1, micro_batch=2)
-    fresh_policy.model = fresh.module
-    train_step(
-        policy=fresh_policy,
-        engine=fresh,
-        backend=HFRolloutBackend(fresh_policy),
-        paradigm=get_paradigm("rlvr"),
-        objective=objective,
-        samples=samples,
-        sampling=SamplingConfig(max_new_tokens=8),
-        seed=1,
-    )
+    trainer(fresh_policy, fresh, "rlvr", 1).step(0, samples, seed=1)
     for (name, got), want in zip(engine.module.state_dict().items(), fresh.module.state_dict().values()):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7, msg=name)

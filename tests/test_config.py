@@ -48,6 +48,8 @@ def test_overrides_are_typed_and_nested():
         ("optim.schedule=linear", "optim.schedule"),
         ("steps=0", "steps"),
         ("rollout.backend=sglang", "rollout.backend"),
+        ("rollout.old_logp=vllm", "rollout.old_logp"),
+        ("rollout.vllm_kv_cache_bytes=0", "rollout.vllm_kv_cache_bytes"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("objective.smothing=true", "objective.smothing"),
         ("data.prompts_per_step=3", "data.prompts_per_step"),

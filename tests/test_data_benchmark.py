@@ -32,9 +32,9 @@ from visurf_ray.data.benchmark import (
     target_text,
     text_corpus,
 )
-from visurf_ray.data.prompts import TASKS, format_problem
+from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
-from visurf_ray.rewards import VERIFIERS, get_verifier, score
+from visurf_ray.rewards import TASKS, get_task, score
 
 COLOUR_NAMES = {rgb: name for name, rgb in COLOURS.items()}
 
@@ -107,10 +107,10 @@ def test_where_filters_before_rendering_and_keeps_stream_ids():
 
 
 def test_every_solution_scores_the_verifier_maximum(splits):
-    assert set(TASKS) == set(VERIFIERS)
+    assert set(benchmark.BENCHMARK_TASKS) == set(TASKS)
     for samples in splits.values():
         for s in samples:
-            top = get_verifier(s.task).OVERALL_MAX
+            top = get_task(s.task).OVERALL_MAX
             size = (s.img_width, s.img_height)
             assert score(s.task, f"<think>x</think><answer>{s.solution}</answer>", s.solution, image_size=size)[
                 "overall"

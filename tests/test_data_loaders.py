@@ -15,7 +15,7 @@ from PIL import Image
 from visurf_ray.data.benchmark import make_split
 from visurf_ray.data.loaders import DataError, load_grefcoco_eval, load_visurf_rows
 from visurf_ray.data.prompts import format_problem
-from visurf_ray.rewards import get_verifier, score
+from visurf_ray.rewards import get_task, score
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -244,8 +244,7 @@ def test_grefcoco_rows_become_grounding_samples_with_no_object_flags(tmp_path):
         assert np.array_equal(np.asarray(s.image), np.asarray(image))
         label = f"<think>x</think><answer>{s.solution}</answer>"
         assert (
-            score("grounding", label, s.solution, image_size=(80, 60))["overall"]
-            == get_verifier("grounding").OVERALL_MAX
+            score("grounding", label, s.solution, image_size=(80, 60))["overall"] == get_task("grounding").OVERALL_MAX
         )
 
     write_jsonl(tmp_path / "xywh.jsonl", [grefcoco_row("c-1", image, sentence="dog", bboxes=[[10, 5, 20, 30]])])

@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from test_sweep import small_sweep_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "experiments" / "sweep.py"
@@ -29,9 +28,9 @@ VARIANTS = "{RLVR: {objective.paradigm: rlvr}, ViSurf: {objective.paradigm: visu
 pytestmark = pytest.mark.ray
 
 
-def sweep_command(policy_dir: Path, tmp_path: Path, name: str) -> list[str]:
+def sweep_command(small_sweep_args, name: str) -> list[str]:
     """A 2-trial sweep whose trials run together, log to wandb and checkpoint every step."""
-    args = small_sweep_args(policy_dir, tmp_path, name, VARIANTS)
+    args = small_sweep_args(name, VARIANTS)
     args = [a for a in args if not a.startswith(("experiment.steps=", "experiment.eval_every="))]
     return [
         sys.executable,
@@ -107,10 +106,10 @@ def final_results(out_dir: Path) -> tuple[pd.Series, pd.DataFrame]:
     return values, items.sort_values(list(items.columns)).reset_index(drop=True)
 
 
-def test_ctrl_c_stops_the_sweep_within_seconds_and_a_rerun_ends_as_an_uninterrupted_sweep(small_policy_dir, tmp_path):
+def test_ctrl_c_stops_the_sweep_within_seconds_and_a_rerun_ends_as_an_uninterrupted_sweep(small_sweep_args, tmp_path):
     name = "pytest-ctrl-c"
     experiment = tmp_path / "runs" / name
-    command = sweep_command(small_policy_dir, tmp_path, name)
+    command = sweep_command(small_sweep_args, name)
     process = start([*command, "--fresh"])
 
     def both_trials_logging() -> bool:
@@ -154,10 +153,10 @@ def test_ctrl_c_stops_the_sweep_within_seconds_and_a_rerun_ends_as_an_uninterrup
     pd.testing.assert_frame_equal(items, reference_items)
 
 
-def test_sigterm_stops_the_sweep_like_ctrl_c(small_policy_dir, tmp_path):
+def test_sigterm_stops_the_sweep_like_ctrl_c(small_sweep_args, tmp_path):
     name = "pytest-sigterm"
     experiment = tmp_path / "runs" / name
-    process = start([*sweep_command(small_policy_dir, tmp_path, name), "--fresh"])
+    process = start([*sweep_command(small_sweep_args, name), "--fresh"])
     wait_until(lambda: len(wandb_runs(experiment)) == 2, process, 300, "two trials logging")
     elapsed, stderr = interrupt(process, signal.SIGTERM, group=False)
 
@@ -168,20 +167,15 @@ def test_sigterm_stops_the_sweep_like_ctrl_c(small_policy_dir, tmp_path):
     assert all(map(wandb_run_finished, wandb_runs(experiment)))
 
 
-def test_sigterm_stops_train_py_and_the_rerun_resumes_from_its_checkpoint(small_policy_dir, tmp_path):
+def test_sigterm_stops_train_py_and_the_rerun_resumes_from_its_checkpoint(small_run_overrides, tmp_path):
     command = [
         sys.executable,
         str(TRAIN),
-        f"model.path={small_policy_dir}",
+        *small_run_overrides,
         "steps=12",
         "eval_every=6",
         "checkpoint_every=1",
         "data.eval_size=4",
-        "data.prompts_per_step=2",
-        "objective.num_rollouts=2",
-        "rollout.max_new_tokens=8",
-        "rollout.eval_max_new_tokens=8",
-        "deepspeed.enabled=false",
         "log_to=[stdout, tensorboard, wandb]",
         f"output_dir={tmp_path}",
         "name=run",

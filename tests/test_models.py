@@ -477,9 +477,9 @@ def test_generate_round_trip_stops_at_eos_and_never_samples_vision_tokens(policy
     # Without suppression the image placeholder would win every step; eos has ~10% per step.
     with_biased_head(policy, {image_pad: 30.0, tokenizer.convert_tokens_to_ids("<|vision_start|>"): 30.0, eos: 3.7})
     prompts = encode_prompts(policy, IMAGES, QUESTIONS)
-    completions, prompt_index, texts = generate(
-        policy, prompts, num_return_sequences=4, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7
-    )
+    rollouts = generate(policy, prompts, num_return_sequences=4, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7)
+    completions, prompt_index, texts = rollouts.completion_ids, rollouts.prompt_index, rollouts.texts
+    assert rollouts.old_logp is None and rollouts.engine_logp is None
     assert prompt_index == [0, 0, 0, 0, 1, 1, 1, 1] and len(completions) == len(texts) == 8
     suppressed = set(suppressed_token_ids(tokenizer))
     for ids, text in zip(completions, texts):
@@ -528,7 +528,8 @@ def test_load_policy_on_cuda_defaults_to_bfloat16(tiny_folder):
     policy = load_policy(tiny_folder)
     assert policy.device.type == "cuda" and policy.model.dtype == torch.bfloat16
     prompts = encode_prompts(policy, IMAGES, QUESTIONS)
-    completions, prompt_index, _ = generate(policy, prompts, num_return_sequences=2, max_new_tokens=8, seed=0)
+    rollouts = generate(policy, prompts, num_return_sequences=2, max_new_tokens=8, seed=0)
+    completions, prompt_index = rollouts.completion_ids, rollouts.prompt_index
     batch = encode_sequences(policy, prompts.to(policy.device), completions, prompt_index)
     logp, entropy, mask = completion_logprobs_and_entropy(policy.model, batch)
     assert logp.dtype == torch.float32 and torch.isfinite(logp).all() and torch.isfinite(entropy).all()

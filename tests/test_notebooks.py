@@ -43,33 +43,8 @@ def test_notebooks_are_stored_without_outputs(name):
     assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)
 
 
-def test_gradients_notebook_runs_on_a_training_run(small_policy_dir, tmp_path, monkeypatch):
-    from visurf_ray.config import load_config
-    from visurf_ray.train.launcher import run_dir
-    from visurf_ray.train.loop import LocalSession, run_training
-
-    cfg = load_config(
-        None,
-        [
-            "name=run",
-            f"output_dir={tmp_path}",
-            f"model.path={small_policy_dir}",
-            "steps=2",
-            "eval_every=0",
-            "checkpoint_every=1",
-            "data.prompts_per_step=2",
-            "data.eval_size=2",
-            "data.eval_splits=[eval/grounding]",
-            "objective.num_rollouts=2",
-            "rollout.max_new_tokens=8",
-            "rollout.eval_max_new_tokens=8",
-            "deepspeed.enabled=false",
-            "log_to=[]",
-        ],
-    )
-    session = LocalSession(run_dir(cfg), verbose=False)
-    run_training(cfg, session, scratch_dir=session.scratch_dir)
-    monkeypatch.setenv("VISURF_CHECKPOINT", str(run_dir(cfg)))
+def test_gradients_notebook_runs_on_a_training_run(small_run, monkeypatch):
+    monkeypatch.setenv("VISURF_CHECKPOINT", str(small_run()))
     monkeypatch.setenv("VISURF_PROMPTS", "1")
     monkeypatch.setenv("VISURF_MAX_NEW_TOKENS", "8")
 

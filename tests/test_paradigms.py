@@ -15,6 +15,7 @@ from visurf_ray.objectives import (
     Paradigm,
     get_paradigm,
     group_advantages,
+    kl_penalty,
     masked_mean,
     policy_loss,
     policy_shaping,
@@ -278,6 +279,41 @@ def test_kl_term_needs_ref_logp_and_adds_with_its_coefficient():
     loss, metrics = get_paradigm("rlvr").loss(logp, old_logp, mask, advantages, is_label, cfg, ref_logp=ref_logp)
     assert metrics["kl"] == pytest.approx(0.5 * 0.2**2, rel=1e-12)
     assert loss.item() == pytest.approx(metrics["pg_loss"] + 0.1 * metrics["kl"], rel=1e-12)
+
+
+def test_kl_term_is_masked_off_the_label_tokens():
+    """ViSurf with KL: the term is the rollouts' KL alone (seq-mean-token-mean over the B·G rollouts), so the label's
+    reference log-probs change nothing and its tokens get no KL gradient."""
+    batch = _visurf_batch()
+    model = BigramLM()
+    is_label, mask, advantages = batch["is_label"], batch["mask"], batch["advantages"]
+    cfg = dataclasses.replace(batch["cfg"], kl_coef=0.1, kl_kind="low_var_kl")
+    no_kl = dataclasses.replace(cfg, kl_coef=0.0)
+    offsets = torch.linspace(-0.3, 0.4, LENGTH, dtype=F64) * torch.arange(1, len(is_label) + 1, dtype=F64)[:, None]
+
+    def visurf_loss(objective, label_offset=0.0):
+        logp = model(batch["tokens"])
+        ref_logp = (logp + offsets + label_offset * is_label[:, None]).detach()
+        return get_paradigm("visurf").loss(
+            logp, logp.detach(), mask, advantages, is_label, objective, ref_logp=ref_logp
+        )
+
+    def rollout_kl():
+        logp = model(batch["tokens"][~is_label])
+        ref_logp = (logp + offsets[~is_label]).detach()
+        return kl_penalty(logp, ref_logp, mask[~is_label], "low_var_kl", agg="seq-mean-token-mean")
+
+    loss, metrics = visurf_loss(cfg)
+    assert metrics["kl"] == pytest.approx(rollout_kl().item(), rel=1e-12) and metrics["kl"] > 0
+    assert visurf_loss(cfg, label_offset=5.0)[0].item() == pytest.approx(loss.item(), rel=1e-12)
+    expected = _gradient(model, lambda: visurf_loss(no_kl)[0]) + 0.1 * _gradient(model, rollout_kl)
+    torch.testing.assert_close(_gradient(model, lambda: visurf_loss(cfg)[0]), expected, rtol=0, atol=1e-10)
+    sft = ObjectiveConfig(paradigm="sft", kl_coef=0.1)
+    logp = model(batch["tokens"][is_label])
+    sft_loss_value, sft_metrics = get_paradigm("sft").loss(
+        logp, logp.detach(), mask[is_label], torch.ones(PROMPTS, dtype=F64), is_label[is_label], sft, ref_logp=logp - 1
+    )
+    assert sft_metrics["kl"] == 0.0 and sft_loss_value.item() == pytest.approx(sft_metrics["sft_loss"], rel=1e-12)
 
 
 def test_unknown_paradigm_names_the_argument_and_lists_known_ones():

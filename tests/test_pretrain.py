@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,39 +17,29 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def tiny_config(**changes):
-    from visurf_ray.models import TinyVLMSpec
+@pytest.fixture
+def tiny_config(small_spec):
+    """`make(**changes)`: a PretrainConfig of a few seconds at the small spec (4 steps of 4 items, tiny evaluation)."""
     from visurf_ray.train.pretrain import PretrainConfig
 
-    spec = TinyVLMSpec(
-        text_hidden=64,
-        text_layers=2,
-        text_heads=2,
-        text_kv_heads=1,
-        text_mlp=128,
-        vision_depth=1,
-        vision_hidden=32,
-        vision_heads=2,
-        vision_mlp=64,
-        vocab_size=400,
-    )
-    settings = dict(
-        steps=4,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=2,
-        spec=spec,
-        corpus_size=200,
-        eval_size=2,
-        eval_max_new_tokens=8,
-        rollout_prompts=2,
-        rollout_samples=2,
-        threads=1,
-    )
-    return PretrainConfig(**{**settings, **changes})
+    def make(**changes):
+        settings = dict(
+            steps=4,
+            batch_size=4,
+            lr=3e-3,
+            warmup_steps=2,
+            spec=small_spec,
+            corpus_size=200,
+            eval_size=2,
+            eval_max_new_tokens=8,
+            rollout_prompts=2,
+            rollout_samples=2,
+            threads=1,
+        )
+        return PretrainConfig(**{**settings, **changes})
+
+    return make
 
 
 # ---- recipe pieces ----------------------------------------------------------------------------------------------
@@ -113,11 +103,12 @@ def test_learning_rate_warms_up_linearly_then_decays_to_the_final_ratio():
 
 
 def test_length_groups_partition_items_with_least_padding():
-    from visurf_ray.train.pretrain import length_groups
+    """Pretraining's micro-batches (`length_groups` without a minimum saving) pad the fewest tokens possible."""
+    from visurf_ray.train.step import length_groups
 
     lengths = [40, 100, 17, 38, 95, 20, 41, 18]
     for groups in (1, 2, 3, 8, 12):
-        partition = length_groups(lengths, groups)
+        partition = length_groups(lengths, max_groups=groups, min_saving=0.0)
         assert sorted(i for group in partition for i in group) == list(range(len(lengths)))
         assert len(partition) <= groups
         cost = sum(len(group) * max(lengths[i] for i in group) for group in partition)
@@ -129,10 +120,10 @@ def test_length_groups_partition_items_with_least_padding():
             for cuts in itertools.combinations(range(1, len(ordered)), k)
         )
         assert cost == best
-    assert length_groups(lengths, 3) == [[2, 7, 5], [3, 0, 6], [4, 1]]
+    assert length_groups(lengths, max_groups=3, min_saving=0.0) == [[2, 7, 5], [3, 0, 6], [4, 1]]
 
 
-def test_training_batches_are_deterministic_and_follow_the_curriculum():
+def test_training_batches_are_deterministic_and_follow_the_curriculum(tiny_config):
     from visurf_ray.train.pretrain import CurriculumStage, training_batches
 
     curriculum = (
@@ -191,7 +182,7 @@ def test_grouped_update_equals_one_batch_update_and_fits_a_fixed_batch(small_pol
 # ---- smoke run and cache ----------------------------------------------------------------------------------------
 
 
-def test_pretrain_smoke_run_caches_once_under_concurrent_calls(tmp_path):
+def test_pretrain_smoke_run_caches_once_under_concurrent_calls(tmp_path, tiny_config):
     from visurf_ray.models import load_policy
     from visurf_ray.train.pretrain import REPORT_FILE, base_model_dir, ensure_base_model
 
@@ -229,7 +220,7 @@ def test_pretrain_smoke_run_caches_once_under_concurrent_calls(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".building-" in p.name]
 
 
-def test_training_is_deterministic_for_a_seed():
+def test_training_is_deterministic_for_a_seed(tiny_config):
     import torch
 
     from visurf_ray.train.pretrain import train_base
@@ -242,21 +233,20 @@ def test_training_is_deterministic_for_a_seed():
     assert not all(torch.equal(a, b) for a, b in zip(first.model.parameters(), other.model.parameters()))
 
 
-def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path):
+def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path, tiny_config):
     """A build killed mid-training (SIGKILL) leaves only its temporary folder; the next call builds the model."""
     from visurf_ray.train.pretrain import REPORT_FILE, base_model_dir, ensure_base_model
 
     cfg = tiny_config(steps=100_000)
+    recipe = tmp_path / "recipe.pickle"
+    recipe.write_bytes(pickle.dumps(cfg))
     script = (
-        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
-        "from tests.test_pretrain import tiny_config; from visurf_ray.train.pretrain import ensure_base_model;"
-        "ensure_base_model(Path(sys.argv[2]), tiny_config(steps=100_000), log=lambda line: print(line, flush=True))"
+        "import pickle, sys; from pathlib import Path; from visurf_ray.train.pretrain import ensure_base_model;"
+        "cfg = pickle.loads(Path(sys.argv[1]).read_bytes());"
+        "ensure_base_model(Path(sys.argv[2]), cfg, log=lambda line: print(line, flush=True))"
     )
     builder = subprocess.Popen(
-        [sys.executable, "-c", script, str(ROOT), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-c", script, str(recipe), str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert builder.stdout.readline().startswith("pretraining the tiny base model")
@@ -284,7 +274,7 @@ def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path):
 @pytest.mark.slow
 def test_default_base_model_has_partial_competence(tmp_path):
     """The default recipe (minutes on 2 cores): the format right, never `[]`, 20-70% of boxes right, and rollout
-    groups with mixed outcomes (the issue's targets)."""
+    groups with mixed outcomes (the base model's competence targets)."""
     from visurf_ray.train.pretrain import PretrainConfig, pretrain_base
 
     scores = pretrain_base(PretrainConfig(), tmp_path / "base")

@@ -174,7 +174,7 @@ def test_detected_style_round_trips_and_aligned_labels_keep_their_values(style, 
     assert json.loads(extract_answer(label)) == json.loads(solution)
     components = rewards.score("grounding", label, solution)
     assert components["accuracy"] == 3.0 and components["answer_format"] == 1.0
-    assert eliminate_thinking_reward(components)["overall"] == rewards.get_verifier("grounding").OVERALL_MAX - 1.0
+    assert eliminate_thinking_reward(components)["overall"] == rewards.get_task("grounding").OVERALL_MAX - 1.0
 
 
 ROLLOUT_PIECES = ["<think>", "</think>", "<answer>", "</answer>", "[", "]", "{", "}", ",", ", ", ":", ": ", '"bbox_2d"',
@@ -183,7 +183,7 @@ ROLLOUT_PIECES = ["<think>", "</think>", "<answer>", "</answer>", "[", "]", "{",
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
-    task=st.sampled_from(sorted(rewards.VERIFIERS)),
+    task=st.sampled_from(sorted(rewards.TASKS)),
     rollouts=st.lists(
         st.text(max_size=40) | st.lists(st.sampled_from(ROLLOUT_PIECES), max_size=30).map("".join), max_size=5
     ),
@@ -197,4 +197,4 @@ def test_align_never_raises_on_garbage_rollouts_and_keeps_full_accuracy(task, ro
     }[task]
     label = label_completion(task, solution, rollouts, align=True)
     components = rewards.score(task, label, solution)
-    assert components["accuracy"] == rewards.get_verifier(task).ACCURACY_MAX and components["answer_format"] == 1.0
+    assert components["accuracy"] == rewards.get_task(task).ACCURACY_MAX and components["answer_format"] == 1.0

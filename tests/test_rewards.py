@@ -370,7 +370,7 @@ ACCEPTED = {
 
 @pytest.mark.parametrize(("task", "solution"), [(t, s) for t, solutions in ACCEPTED.items() for s in solutions])
 def test_wrapped_solution_scores_the_maximum(task, solution):
-    verifier = rewards.get_verifier(task)
+    verifier = rewards.get_task(task)
     components = rewards.score(task, wrap(solution), solution, image_size=(320, 240))
     assert components["overall"] == verifier.OVERALL_MAX
     assert components["accuracy"] == verifier.ACCURACY_MAX
@@ -378,12 +378,12 @@ def test_wrapped_solution_scores_the_maximum(task, solution):
 
 
 def test_registry():
-    assert set(rewards.VERIFIERS) == {"grounding", "gui_point", "anomaly", "count"}
-    assert rewards.get_verifier("count") is count
+    assert set(rewards.TASKS) == {"grounding", "gui_point", "anomaly", "count"}
+    assert rewards.get_task("count") is count
     with pytest.raises(ValueError, match="unknown task 'ocr'"):
-        rewards.get_verifier("ocr")
+        rewards.get_task("ocr")
     with pytest.raises(ValueError, match="already registered"):
-        rewards.register_verifier("count", count)
+        rewards.register_task(count)
     with pytest.raises(ValueError, match="accuracy"):
         grounding.is_success({"overall": 1.0})
 

@@ -13,7 +13,7 @@ from visurf_ray.rewards import non_repeat, thinking_format
 from visurf_ray.rewards.components import COMPONENT_NAMES
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True)
-TASKS = sorted(rewards.VERIFIERS)
+TASKS = sorted(rewards.TASKS)
 
 coordinate = st.one_of(st.integers(0, 2000), st.floats(0, 2000, allow_nan=False).map(lambda v: round(v, 2)))
 
@@ -69,7 +69,7 @@ image_sizes = st.none() | st.tuples(st.integers(1, 4000), st.integers(1, 4000))
 
 
 def check_components(task, components):
-    verifier = rewards.get_verifier(task)
+    verifier = rewards.get_task(task)
     assert set(components) == {*COMPONENT_NAMES, "overall"}
     assert components["thinking_format"] in (0.0, 1.0) and components["non_repeat"] in (0.0, 1.0)
     assert 0.0 <= components["answer_format"] <= 1.0
@@ -93,7 +93,7 @@ def test_wrapped_solution_scores_the_maximum(data, task, image_size, reasoning):
     reasoning = reasoning.replace("<", "")  # keep the tags unambiguous
     completion = f"<think>{reasoning}.</think><answer>{solution}</answer>"
     components = rewards.score(task, completion, solution, image_size=image_size)
-    verifier = rewards.get_verifier(task)
+    verifier = rewards.get_task(task)
     assert components["accuracy"] == verifier.ACCURACY_MAX and components["answer_format"] == 1.0
     assert components["thinking_format"] == 1.0
     assert verifier.is_success(components)

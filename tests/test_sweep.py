@@ -24,28 +24,6 @@ SWEEP = ROOT / "experiments" / "sweep.py"
 DEFAULT_SWEEP = ROOT / "experiments" / "configs" / "sweep_tiny.yaml"
 
 
-def small_sweep_args(
-    policy_dir, tmp_path, name, variants="{RLVR: {objective.paradigm: rlvr}, ViSurf: {objective.paradigm: visurf}}"
-):
-    return [
-        f"name={name}",
-        f"variants={variants}",
-        "seeds=[0]",
-        f"experiment.model.path={policy_dir}",
-        "experiment.steps=2",
-        "experiment.eval_every=1",
-        "experiment.checkpoint_every=1",
-        "experiment.data.eval_size=4",
-        "experiment.data.prompts_per_step=2",
-        "experiment.objective.num_rollouts=2",
-        "experiment.rollout.max_new_tokens=8",
-        "experiment.rollout.eval_max_new_tokens=8",
-        "experiment.deepspeed.enabled=false",
-        f"output_dir={tmp_path / 'results'}",
-        f"storage_dir={tmp_path / 'runs'}",
-    ]
-
-
 def test_default_sweep_covers_every_paradigm_and_ablation():
     sweep = load_sweep(DEFAULT_SWEEP)
     paradigms = {sweep.trial_config({"variant": v, "seed": 0}).objective.paradigm for v in sweep.variants}
@@ -85,7 +63,7 @@ def test_sweep_config_errors_name_the_key(override, message):
 
 
 @pytest.mark.ray
-def test_two_trial_sweep_end_to_end(small_policy_dir, tmp_path, monkeypatch):
+def test_two_trial_sweep_end_to_end(small_sweep_args, tmp_path, monkeypatch):
     import ray
     from PIL import Image
 
@@ -93,7 +71,7 @@ def test_two_trial_sweep_end_to_end(small_policy_dir, tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     try:
-        out_dir = sweep_cli.main(["--fresh", *small_sweep_args(small_policy_dir, tmp_path, "pytest-sweep")])
+        out_dir = sweep_cli.main(["--fresh", *small_sweep_args("pytest-sweep")])
     finally:
         ray.shutdown()
     import pandas as pd
@@ -132,7 +110,7 @@ def _finished_trials(experiment: Path) -> set[str]:
 
 
 @pytest.mark.ray
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_policy_dir, tmp_path):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_sweep_args, tmp_path):
     name = "pytest-restore"
     experiment = tmp_path / "runs" / name
     variants = (
@@ -141,7 +119,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_polic
     args = [
         sys.executable,
         str(SWEEP),
-        *small_sweep_args(small_policy_dir, tmp_path, name, variants),
+        *small_sweep_args(name, variants),
         "tune.max_concurrent_trials=1",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -246,14 +224,14 @@ def test_powered_presets_load_validate_and_run_their_first_trial(small_policy_di
 
 
 @pytest.mark.ray
-def test_a_trial_whose_process_is_killed_restarts_from_its_checkpoint(small_policy_dir, tmp_path):
+def test_a_trial_whose_process_is_killed_restarts_from_its_checkpoint(small_sweep_args, tmp_path):
     """`tune.max_failures`: a trial killed mid-run (a lost node, a preempted spot instance) is restarted by Tune from
     its latest checkpoint and the sweep ends as if nothing happened."""
     import psutil
 
     name = "pytest-killed-trial"
     experiment = tmp_path / "runs" / name
-    args = small_sweep_args(small_policy_dir, tmp_path, name, "{RLVR: {objective.paradigm: rlvr}}")
+    args = small_sweep_args(name, "{RLVR: {objective.paradigm: rlvr}}")
     args = [a for a in args if not a.startswith("experiment.steps=")] + ["experiment.steps=12"]
     process = subprocess.Popen(
         [sys.executable, str(SWEEP), "--fresh", *args],

@@ -10,37 +10,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from visurf_ray.config import load_config
 from visurf_ray.train.launcher import launch, run_dir
 from visurf_ray.train.loop import EVAL_ITEMS, LocalSession, run_training
 
 
-def small_config(policy_dir, tmp_path, name, *extra):
-    return load_config(
-        None,
-        [
-            f"name={name}",
-            f"output_dir={tmp_path}",
-            f"model.path={policy_dir}",
-            "steps=2",
-            "eval_every=0",
+@pytest.fixture
+def small_config(small_run_config):
+    """`make(name, *extra)`: a SMALL_RUN config evaluated on grounding and count (4 items each), no checkpoint
+    but the last; `extra` overrides last."""
+
+    def make(name, *extra):
+        return small_run_config(
             "checkpoint_every=0",
-            "data.prompts_per_step=2",
             "data.eval_size=4",
             "data.eval_splits=[eval/grounding,retained/count]",
-            "objective.num_rollouts=2",
-            "rollout.max_new_tokens=8",
-            "rollout.eval_max_new_tokens=8",
             "optim.lr=1e-3",
-            "deepspeed.enabled=false",
             *extra,
-        ],
-    )
+            name=name,
+        )
+
+    return make
 
 
 @pytest.mark.parametrize("paradigm", ["sft", "rlvr", "visurf", "sft_rlvr", "luffy", "chord"])
-def test_in_process_loop_runs_every_paradigm(small_policy_dir, tmp_path, paradigm):
-    cfg = small_config(small_policy_dir, tmp_path, paradigm, f"objective.paradigm={paradigm}")
+def test_in_process_loop_runs_every_paradigm(small_config, paradigm):
+    cfg = small_config(paradigm, f"objective.paradigm={paradigm}")
     metrics = launch(cfg)
     assert metrics["step"] == 2.0 and math.isfinite(metrics["loss"])
     assert 0.0 <= metrics["eval/grounding/score"] <= 1.0
@@ -69,13 +63,13 @@ class CrashAfter(LocalSession):
 
 
 @pytest.mark.parametrize("deepspeed", [False, True])
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(small_policy_dir, tmp_path, deepspeed):
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(small_config, deepspeed):
     overrides = ["steps=4", "checkpoint_every=2", "objective.paradigm=visurf", f"deepspeed.enabled={deepspeed}"]
-    straight_cfg = small_config(small_policy_dir, tmp_path, "straight", *overrides)
+    straight_cfg = small_config("straight", *overrides)
     straight = LocalSession(run_dir(straight_cfg), verbose=False)
     run_training(straight_cfg, straight, scratch_dir=straight.scratch_dir)
 
-    resumed_cfg = small_config(small_policy_dir, tmp_path, "resumed", *overrides)
+    resumed_cfg = small_config("resumed", *overrides)
     crashing = CrashAfter(run_dir(resumed_cfg), crash_step=2)
     with pytest.raises(KeyboardInterrupt):
         run_training(resumed_cfg, crashing, scratch_dir=crashing.scratch_dir)
@@ -96,12 +90,10 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(small_policy_dir, t
 
 
 @pytest.mark.ray
-def test_ray_train_two_cpu_workers_with_deepspeed_zero2(small_policy_dir, tmp_path):
+def test_ray_train_two_cpu_workers_with_deepspeed_zero2(small_config):
     import ray
 
     cfg = small_config(
-        small_policy_dir,
-        tmp_path,
         "ray",
         "ray.num_workers=2",
         "deepspeed.enabled=true",
@@ -122,25 +114,23 @@ def test_ray_train_two_cpu_workers_with_deepspeed_zero2(small_policy_dir, tmp_pa
     assert any(n.startswith("zero_pp_rank_1") for n in names)  # each rank's ZeRO-2 optimizer shard
 
 
-def test_every_report_carries_the_latest_evaluation(small_policy_dir, tmp_path):
+def test_every_report_carries_the_latest_evaluation(small_config):
     """Tune checks each report for the sweep's metric: the starting policy is evaluated at step 0 and the latest
     evaluation rides along with every later report."""
-    cfg = small_config(small_policy_dir, tmp_path, "carried", "steps=3", "eval_every=2", "objective.paradigm=rlvr")
+    cfg = small_config("carried", "steps=3", "eval_every=2", "objective.paradigm=rlvr")
     launch(cfg)
     reports = [json.loads(line) for line in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_step"] for r in reports] == [0.0, 2.0, 3.0]
     assert all("eval/mean_score" in r and "eval/grounding/score" in r for r in reports)
 
 
-def test_runs_write_eval_items_and_share_the_starting_evaluation(small_policy_dir, tmp_path, monkeypatch):
+def test_runs_write_eval_items_and_share_the_starting_evaluation(small_config, tmp_path, monkeypatch):
     """Every evaluation's item rows land in the run folder; two runs from the same checkpoint on the same items
     compute the step-0 evaluation once (the second reads it from the cache) and record identical rows."""
     monkeypatch.setenv("VISURF_CACHE", str(tmp_path / "cache"))
     rows = {}
     for paradigm in ("sft", "rlvr"):
-        cfg = small_config(
-            small_policy_dir, tmp_path, paradigm, "steps=1", "eval_every=1", f"objective.paradigm={paradigm}"
-        )
+        cfg = small_config(paradigm, "steps=1", "eval_every=1", f"objective.paradigm={paradigm}")
         launch(cfg)
         rows[paradigm] = [json.loads(line) for line in (run_dir(cfg) / EVAL_ITEMS).read_text().splitlines()]
     assert len(list((tmp_path / "cache" / "evaluations").glob("*.json"))) == 1
@@ -157,7 +147,7 @@ def test_runs_write_eval_items_and_share_the_starting_evaluation(small_policy_di
 
 def test_a_build_lock_left_by_a_killed_process_does_not_block_deepspeed_on_cpu(tmp_path):
     """torch's JIT build lock file, left by a process killed while it built or loaded DeepSpeed's CPU collectives,
-    made every later `deepspeed.initialize` wait forever; the engine clears it under an flock and loads the op."""
+    would make every later `deepspeed.initialize` wait forever; the engine clears it under an flock and loads the op."""
     import os
     import subprocess
     import sys

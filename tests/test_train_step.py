@@ -14,12 +14,14 @@ import torch
 
 from visurf_ray.config import DeepSpeedConfig, OptimConfig
 from visurf_ray.data.benchmark import make_split
+from visurf_ray.models.generation import Rollouts
 from visurf_ray.models.policy import load_policy, use_input_dtype_norms
 from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm
-from visurf_ray.rollout.base import Rollouts, SamplingConfig
+from visurf_ray.rollout.base import SamplingConfig
 from visurf_ray.rollout.hf import HFRolloutBackend
 from visurf_ray.train.engine import build_engine
-from visurf_ray.train.step import length_groups, score_groups, train_step
+from visurf_ray.train.step import length_groups, score_groups
+from visurf_ray.train.trainer import Trainer
 
 
 class ScriptedBackend:
@@ -44,7 +46,7 @@ class ScriptedBackend:
         return Rollouts(ids, index, texts, old_logp=None)
 
     def sync_weights(self, model):
-        self.policy.model = model
+        """Nothing to do: the scripted completions do not depend on the weights."""
 
 
 def grounding_samples(n):
@@ -80,21 +82,22 @@ def make_engine(policy, *, deepspeed=False, lr=1e-3):
     )
 
 
-def run_step(policy, backend, objective, samples, *, micro_batches=1, deepspeed=False):
-    engine = make_engine(policy, deepspeed=deepspeed)
-    policy.model = engine.module
-    paradigm = get_paradigm(objective.paradigm).for_step(0, 1, objective)
-    return train_step(
+def make_trainer(policy, backend, objective, *, deepspeed=False, **options):
+    return Trainer(
         policy=policy,
-        engine=engine,
+        engine=make_engine(policy, deepspeed=deepspeed),
         backend=backend,
-        paradigm=paradigm,
+        paradigm=get_paradigm(objective.paradigm),
         objective=objective,
-        samples=samples,
         sampling=SamplingConfig(max_new_tokens=8),
-        seed=0,
-        micro_batches=micro_batches,
+        total_steps=1,
+        **options,
     )
+
+
+def run_step(policy, backend, objective, samples, *, micro_batches=1, deepspeed=False):
+    trainer = make_trainer(policy, backend, objective, deepspeed=deepspeed, micro_batches=micro_batches)
+    return trainer.step(0, samples, seed=0)
 
 
 def test_all_fail_group_gives_the_label_the_derived_advantage(small_policy_dir):
@@ -233,14 +236,13 @@ def test_length_groups_pad_each_group_to_its_own_longest():
 
 
 def float64_visurf_gradients(policy_dir, samples, answers, objective, *, checkpointing=False, on_policy=None, **step):
-    """Every parameter's gradient after one float64 ViSurf `train_step` from the saved weights (float64 norms:
+    """Every parameter's gradient after one float64 ViSurf trainer step from the saved weights (float64 norms:
     transformers' RMSNorm would round gradients to float32). `on_policy(policy)` runs before the step (e.g. hooks)."""
     policy = load_policy(policy_dir, dtype=torch.float64)
     use_input_dtype_norms(policy.model)
     if checkpointing:
         policy.model.gradient_checkpointing_enable()
-    engine = make_engine(policy)
-    policy.model = engine.module
+    trainer = make_trainer(policy, ScriptedBackend(policy, lambda prompt: answers), objective, **step)
     accumulated = {}
     for name, parameter in policy.model.named_parameters():
         parameter.register_post_accumulate_grad_hook(
@@ -248,17 +250,7 @@ def float64_visurf_gradients(policy_dir, samples, answers, objective, *, checkpo
         )
     if on_policy is not None:
         on_policy(policy)
-    train_step(
-        policy=policy,
-        engine=engine,
-        backend=ScriptedBackend(policy, lambda prompt: answers),
-        paradigm=get_paradigm("visurf"),
-        objective=objective,
-        samples=samples,
-        sampling=SamplingConfig(max_new_tokens=8),
-        seed=0,
-        **step,
-    )
+    trainer.step(0, samples, seed=0)
     return accumulated
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,13 @@ class DataConfig:
     eval_splits: tuple[str, ...] = ("eval/grounding", "eval/gui_point", "eval/anomaly", "retained/count")
     eval_size: int = 64  # items per slice of each benchmark eval split (grounding: seen, unseen_attribute, no_object)
     prompts_per_step: int = 8  # global batch of prompts per optimizer step (split across workers)
+    # pixels: every image resized to image_side × image_side before the model sees it (the authors' 840), answers
+    # scored in each image's own frame at evaluation (visurf_ray/data/frames.py); 0 keeps each image's own size
+    image_side: int = 0
 
     def __post_init__(self):
         _check(self.prompts_per_step >= 1, "data.prompts_per_step", self.prompts_per_step, ">= 1")
+        _check(self.image_side >= 0, "data.image_side", self.image_side, ">= 0 (pixels; 0 keeps each image's size)")
         _check(self.eval_size >= 1, "data.eval_size", self.eval_size, ">= 1")
 
 
@@ -60,8 +65,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 48
     eval_max_new_tokens: int = 48
-    vllm_gpu_memory_utilization: float = 0.4
+    vllm_kv_cache_bytes: int = 1 << 30  # vLLM's KV cache in bytes (kv_cache_memory_bytes; same meaning on CPU and GPU)
     vllm_max_model_len: int = 0  # prompt + completion tokens per sequence; 0: the model's maximum
+    old_logp: str = "trainer"  # π_old: the trainer's log-probs (verl's, EasyR1's) | engine: vLLM's (hf: always trainer)
 
     def __post_init__(self):
         _check(self.backend in ("hf", "vllm"), "rollout.backend", self.backend, "hf or vllm")
@@ -69,13 +75,9 @@ class RolloutConfig:
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, ">= 1")
         _check(self.eval_max_new_tokens >= 1, "rollout.eval_max_new_tokens", self.eval_max_new_tokens, ">= 1")
-        _check(
-            0 < self.vllm_gpu_memory_utilization < 1,
-            "rollout.vllm_gpu_memory_utilization",
-            self.vllm_gpu_memory_utilization,
-            "in (0, 1)",
-        )
+        _check(self.vllm_kv_cache_bytes > 0, "rollout.vllm_kv_cache_bytes", self.vllm_kv_cache_bytes, "> 0 (bytes)")
         _check(self.vllm_max_model_len >= 0, "rollout.vllm_max_model_len", self.vllm_max_model_len, ">= 0")
+        _check(self.old_logp in ("trainer", "engine"), "rollout.old_logp", self.old_logp, "trainer or engine")
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ def config_from_dict(values: dict[str, Any], cls: type = ExperimentConfig, prefi
 
 
 def _convert(value: Any, hint: Any, dotted: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return config_from_dict(value, hint, f"{dotted}.")
     origin = typing.get_origin(hint)
     if origin is tuple:
@@ -264,7 +266,7 @@ def merge(base: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides in order."""
     values: dict[str, Any] = {}
     if path is not None:

@@ -16,6 +16,8 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TUNE_NOTICES = ("Stop signal received", "Experiment has been interrupted")
@@ -32,10 +34,10 @@ class Interrupts:
     """Catches SIGINT and SIGTERM inside `with Interrupts(): ...` (main thread only). `received` is the first
     signal's number (None until one arrives); `exit_code` the conventional 128 + that number."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         self._on_stop: Callable[[], None] | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     @property
     def exit_code(self) -> int:

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ class SweepConfig:
     sample: dict[str, dict[str, list]] = field(default_factory=dict)
     num_samples: int = 1
     output_dir: str = "results"  # tables and plots go to <output_dir>/<name>/ (relative to the project root)
-    storage_dir: str = "runs/sweeps"  # Tune's experiment folders (relative to the project root)
+    # Tune's experiment folders and each trial's Train storage (relative to the project root); on a multi-node cluster
+    # a path every node mounts (`check_shared_storage`)
+    storage_dir: str = "runs/sweeps"
     tune: TuneSettings = field(default_factory=TuneSettings)
 
     def trial_overrides(self, params: dict[str, Any]) -> list[str]:
@@ -87,7 +90,7 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read a sweep YAML; `overrides` are `key=value` for the sweep's own keys (e.g. `tune.max_concurrent_trials=1`,
     `seeds=[0]`) or, prefixed with `experiment.`, overrides of every trial's config. Validates every key a trial
     will set against the experiment config, naming an unknown key."""
@@ -120,6 +123,12 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
 
 
 def _validate(sweep: SweepConfig) -> None:
+    if "://" in sweep.storage_dir:
+        raise ConfigError(
+            f"storage_dir={sweep.storage_dir!r} is not supported: each trial writes its run folder (evaluation rows, "
+            "TensorBoard, wandb) straight into storage, so it must be a filesystem path every node mounts (NFS, EFS, "
+            "FSx, or a bucket mounted with mountpoint-s3 / s3fs), not a URI"
+        )
     if not sweep.variants:
         raise ConfigError("variants is empty: the sweep has no configuration to run")
     if not sweep.seeds:
@@ -137,9 +146,61 @@ def _validate(sweep: SweepConfig) -> None:
         params |= {f"cfg/{k}": v[0] for k, v in sweep.grid.items()}
         params |= {f"cfg/{k}": next(iter(spec.values()))[0] for k, spec in sweep.sample.items()}  # a valid draw
         try:
-            sweep.trial_config(params)
+            _check_trial_resources(sweep.tune, sweep.trial_config(params))
         except ConfigError as error:
             raise ConfigError(f"variant {variant!r}: {error}") from error
+
+
+def _check_trial_resources(tune: TuneSettings, cfg: ExperimentConfig) -> None:
+    """A trial asks Ray for what its config runs on: its own process trains when `ray.num_workers` is 0 (so it
+    holds the GPU), else it only drives Ray Train workers that ask for their GPUs themselves."""
+    if cfg.ray.num_workers == 0 and cfg.ray.use_gpu and tune.gpus_per_trial == 0:
+        raise ConfigError(
+            "tune.gpus_per_trial=0 is invalid with ray.use_gpu=true and ray.num_workers=0: the trial trains in its own "
+            "process and needs a GPU (set tune.gpus_per_trial=1)"
+        )
+    if cfg.ray.num_workers > 0 and tune.gpus_per_trial > 0:
+        raise ConfigError(
+            f"tune.gpus_per_trial={tune.gpus_per_trial} is invalid with ray.num_workers={cfg.ray.num_workers}: the "
+            "trial only drives its Ray Train workers, which ask for their GPUs (ray.use_gpu); set it to 0"
+        )
+
+
+def check_shared_storage(storage: Path) -> None:
+    """On a cluster of several nodes, ConfigError unless every alive node sees `storage` (absolute): the driver writes
+    a marker file there and a task on each node looks for it. Trials and their Train workers restart on any node and
+    read their checkpoints and run folders from there, so a node-local folder (the default `runs/sweeps` inside a
+    `ray job submit` working directory, a local disk) would lose them."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:
+        return
+    storage.mkdir(parents=True, exist_ok=True)
+    marker = storage / f".visurf-shared-{uuid.uuid4().hex}"
+    marker.touch()
+    exists = ray.remote(num_cpus=0)(os.path.exists)
+    try:
+        seen = ray.get(
+            [
+                exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+                    str(marker)
+                )
+                for node in nodes
+            ]
+        )
+    finally:
+        marker.unlink()
+    blind = [node["NodeID"][:12] for node, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"storage_dir resolves to {str(storage)!r}, which {len(blind)} of the cluster's {len(nodes)} nodes do not "
+            f"see (node ids {', '.join(blind)}): on a multi-node cluster Tune's and Train's storage must be a path "
+            "every node mounts (NFS, EFS, FSx)"
+        )
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -166,16 +227,18 @@ class TuneSession:
     world_size = 1
 
     def __init__(self, project: str):
+        import ray
         from ray import tune
 
         self._restored = tune.get_checkpoint()
         self._project = project
+        self._node_id = ray.get_runtime_context().get_node_id()  # in every report: where the trial ran
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         from ray import tune
 
         checkpoint = None if checkpoint_dir is None else tune.Checkpoint.from_directory(str(checkpoint_dir))
-        tune.report(metrics, checkpoint=checkpoint)
+        tune.report({**metrics, "node_id": self._node_id}, checkpoint=checkpoint)
 
     def latest_checkpoint(self) -> Path | None:
         if self._restored is None:
@@ -228,7 +291,8 @@ def trainable(sweep: SweepConfig, storage: Path):
     from ray import tune
     from ray.tune.trainable import wrap_function
 
-    class SweepTrial(wrap_function(tune.with_parameters(run_trial, sweep=sweep, storage=str(storage)))):
+    # a class made by Tune at run time (mypy cannot check a dynamic base)
+    class SweepTrial(wrap_function(tune.with_parameters(run_trial, sweep=sweep, storage=str(storage)))):  # type: ignore[misc]
         def cleanup(self):
             close_open_sinks()
             super().cleanup()
@@ -289,8 +353,9 @@ class StopFlag:
 
         def poll() -> None:
             while not finished.wait(cls.POLL_SECONDS):
+                raised: bool
                 try:
-                    raised = ray.get(flag.is_raised.remote())
+                    raised = bool(ray.get(flag.is_raised.remote()))
                 except ray.exceptions.RayError:
                     raised = True
                 if raised:
@@ -305,22 +370,22 @@ def build_tuner(sweep: SweepConfig, storage: Path, *, restore: bool):
     """The Tuner of `sweep`, stored under `storage/<name>`; resumed (finished trials kept) when `restore`."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
 
     trainer = tune.with_resources(
         trainable(sweep, storage), {"CPU": sweep.tune.cpus_per_trial, "GPU": sweep.tune.gpus_per_trial}
     )
     StopFlag.create(sweep.name)
+    # Tune's CSV and JSON loggers feed the ResultGrid; TensorBoard and wandb are written by each trial (`run_trial`)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # a restored Tuner's too
     experiment_dir = storage / sweep.name
     if restore and tune.Tuner.can_restore(str(experiment_dir)):
         return tune.Tuner.restore(str(experiment_dir), trainer, resume_errored=True)
-    scheduler = None
+    scheduler: TrialScheduler | None = None
     if sweep.tune.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.tune.grace_period)
     elif sweep.tune.scheduler == "median":
         scheduler = MedianStoppingRule(time_attr="step", grace_period=sweep.tune.grace_period)
-    # Tune's CSV and JSON loggers feed the ResultGrid; TensorBoard and wandb are written by each trial (`run_trial`)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     return tune.Tuner(
         trainer,
         param_space=param_space(sweep),

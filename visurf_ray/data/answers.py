@@ -1,14 +1,14 @@
 """Canonical answer texts of every task, and validation of stored solutions against their image.
 
-The formats are the reward verifiers' (`visurf_ray.rewards.get_verifier(task).parse_solution` decides validity), so that
+The formats are the tasks' (`visurf_ray.rewards.get_task(task).parse_solution` decides validity), so that
 every label is itself a full-score answer. Coordinates are pixels; boxes `[x1, y1, x2, y2]` count pixels inclusively,
 as the verifiers do. Pure Python plus the verifiers: never torch, ray or transformers.
 """
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from visurf_ray.rewards import get_verifier
+from visurf_ray.rewards import get_task
 
 Coordinates = Sequence[int | float]
 
@@ -27,9 +27,9 @@ def _dump(value) -> str:
 def model_style(task: str, solution: str) -> str:
     """`solution` as the base model is taught to write it: JSON with `json.dumps`' default spacing (`", "`, `": "`),
     keys and values unchanged; a non-JSON answer (count) as it is. ValueError for a malformed solution."""
-    verifier = get_verifier(task)
-    verifier.parse_solution(solution)
-    return json.dumps(json.loads(solution)) if verifier.ANSWER_IS_JSON else solution
+    definition = get_task(task)
+    definition.parse_solution(solution)
+    return json.dumps(json.loads(solution)) if definition.ANSWER_IS_JSON else solution
 
 
 class SolutionError(ValueError):
@@ -59,33 +59,6 @@ def count_answer(n: int) -> str:
     return f"\\boxed{{{n}}}"
 
 
-def _grounding_geometry(parsed) -> tuple[list, list]:
-    return [box for box, _ in parsed], [point for _, point in parsed]
-
-
-def _gui_point_geometry(parsed) -> tuple[list, list]:
-    box, point = parsed
-    return [box], [point]
-
-
-def _anomaly_geometry(parsed) -> tuple[list, list]:
-    _, box = parsed
-    return ([] if box is None else [box]), []
-
-
-def _no_geometry(parsed) -> tuple[list, list]:
-    return [], []
-
-
-# task -> (boxes, points) of its verifier's parsed solution
-SOLUTION_GEOMETRY: dict[str, Callable] = {
-    "grounding": _grounding_geometry,
-    "gui_point": _gui_point_geometry,
-    "anomaly": _anomaly_geometry,
-    "count": _no_geometry,
-}
-
-
 def check_solution(task: str, solution: str, width: int, height: int):
     """Parse `solution` with `task`'s verifier and check that its boxes and points lie in a `width` x `height` image.
 
@@ -93,13 +66,12 @@ def check_solution(task: str, solution: str, width: int, height: int):
     exclusively do); a point needs 0 <= x <= width and 0 <= y <= height. Returns the verifier's parsed solution (for
     grounding, the list of (box, point) pairs, `[]` for no-object). Raises SolutionError saying what is wrong.
     """
-    if task not in SOLUTION_GEOMETRY:
-        raise ValueError(f"task {task!r} is unknown; expected one of {sorted(SOLUTION_GEOMETRY)}")
+    definition = get_task(task)
     try:
-        parsed = get_verifier(task).parse_solution(solution)
+        parsed = definition.parse_solution(solution)
     except ValueError as error:
         raise SolutionError(str(error)) from None
-    boxes, points = SOLUTION_GEOMETRY[task](parsed)
+    boxes, points = definition.solution_geometry(parsed)
     for box in boxes:
         if min(box) < 0 or box[2] > width or box[3] > height:
             raise SolutionError(f"bbox_2d {[*box]} lies outside the {width}x{height} image")

@@ -7,7 +7,7 @@ vision patch each). Every object (shape, button, defect) fills a block of 2 x 2 
 every box is `[14 c, 14 r, 14 c + 27, 14 r + 27]` (first and last pixel, inclusive as the verifiers count boxes) and
 every point is `[14 c + 14, 14 r + 14]`, the block's centre (pixels, column c and row r of the block's top-left cell
 in 0..6). This is what a 1.5M-parameter Qwen2.5-VL can learn in minutes on a CPU: objects aligned
-to the patch grid, few colours and shapes, short answers (see DESIGN.md, "Tiny VLM learnability"). Shapes and
+to the patch grid, few colours and shapes, short answers (see `BACKGROUND` and `models.tiny.TinyVLMSpec`). Shapes and
 buttons lie on a background of `BACKGROUND`, the image processor's mean colour, which normalises to zero: background
 patches embed to zero vectors, so the tiny model's image tokens carry only the objects (see `BACKGROUND`).
 
@@ -65,7 +65,7 @@ import numpy as np
 from PIL import Image
 
 from visurf_ray.data.answers import anomaly_answer, count_answer, grounding_answer, gui_point_answer, model_style
-from visurf_ray.data.prompts import TASKS, format_problem
+from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
 
 IMAGE_SIZE = 112
@@ -247,7 +247,7 @@ def _scene_key(question: str, objects: list[Placed]) -> str:
 
 
 def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
-    return options[rng.integers(len(options))]
+    return options[int(rng.integers(len(options)))]
 
 
 def _distinct_looks(rng: np.random.Generator, colours: tuple[str, ...], n: int) -> list[tuple[str, str]]:
@@ -569,15 +569,17 @@ POSTTRAIN = Mix(
     },
     (*SEEN_COLOURS, UNSEEN_COLOUR),
 )
+BENCHMARK_TASKS = tuple(dict.fromkeys(kind.task for kind in KINDS.values()))
+"""The tasks the benchmark has items of, in the order their kinds are registered."""
 POSTTRAIN_TASKS = tuple(sorted({KINDS[kind].task for kind in POSTTRAIN.kinds}))
 
 
 def split_names() -> list[str]:
     """Every valid split name."""
     names = ["pretrain", "posttrain"]
-    names += [f"pretrain/{t}" for t in TASKS if any(KINDS[k].task == t for k in PRETRAIN.kinds)]
+    names += [f"pretrain/{t}" for t in BENCHMARK_TASKS if any(KINDS[k].task == t for k in PRETRAIN.kinds)]
     names += [f"posttrain/{t}" for t in POSTTRAIN_TASKS]
-    return names + [f"eval/{t}" for t in TASKS] + [f"retained/{t}" for t in RETAINED_TASKS]
+    return names + [f"eval/{t}" for t in BENCHMARK_TASKS] + [f"retained/{t}" for t in RETAINED_TASKS]
 
 
 def split_mix(name: str) -> Mix:

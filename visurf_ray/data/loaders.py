@@ -27,8 +27,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from visurf_ray.data.answers import SolutionError, check_solution, grounding_answer
-from visurf_ray.data.prompts import TASKS, format_problem
+from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
+from visurf_ray.rewards import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def _visurf_sample(row: dict, row_id: str, image_root: Path) -> Sample:
         _required(row, name)
     task = row.get("task") or "grounding"
     if task not in TASKS:
-        raise _RowError("task", f"{task!r} is not one of {TASKS}")
+        raise _RowError("task", f"{task!r} is not one of {list(TASKS)}")
     width, height = _positive_int(row, "img_width"), _positive_int(row, "img_height")
     problem, solution = _text(row, "problem"), _text(row, "solution")
     try:
@@ -201,7 +202,7 @@ def load_visurf_rows(path, *, skip_bad: bool = False, image_root=None) -> LoadRe
     Columns: `id` (str or int), `problem` (the prompt text, used verbatim), `solution` (answer text in the task's
     format; for grounding the JSON list `[{"bbox_2d": [x1, y1, x2, y2], "point_2d": [x, y]}, ...]` or `[]`, pixels),
     `image` (see the module docstring), `img_height`, `img_width` (pixels, must equal the decoded image's size),
-    optional `task` (one of `TASKS`, default "grounding"). Other columns are ignored.
+    optional `task` (a registered task name, default "grounding"). Other columns are ignored.
 
     path: a .parquet or .jsonl file. skip_bad: leave bad rows out (listed in `skipped`) instead of raising
     `DataError`. image_root: folder that relative image paths start from (default: the file's folder).

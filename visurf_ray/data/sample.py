@@ -14,7 +14,7 @@ from PIL import Image
 class Sample:
     """One item: an RGB image, the prompt text and the answer its task's verifier scores.
 
-    id: unique within its split. task: a name in `visurf_ray.data.prompts.TASKS` (the reward verifier's task name).
+    id: unique within its split. task: a task name registered in `visurf_ray.rewards.TASKS`.
     image: RGB, `img_width` x `img_height` pixels. problem: the question shown to the model, including the
     output-format instruction. solution: the canonical answer text (what goes inside `<answer>…</answer>`), in the
     image's pixel coordinates. meta: facts about the item, e.g. {"no_object": True, "attribute": "purple"} (a private

@@ -1,7 +1,7 @@
 """Policy models: a tiny Qwen2.5-VL built offline or a real Qwen2.5-VL checkpoint, one loader, batching, log-probs and
 guarded generation. Uses torch and transformers; never Ray."""
 
-from visurf_ray.models.generation import Generations, generate, suppressed_token_ids
+from visurf_ray.models.generation import Rollouts, generate, suppressed_token_ids
 from visurf_ray.models.inputs import (
     PromptBatch,
     SequenceBatch,
@@ -17,7 +17,7 @@ from visurf_ray.models.tokenizer import ANSWER_SKELETON_TOKENS, train_tokenizer
 
 __all__ = [
     "ANSWER_SKELETON_TOKENS",
-    "Generations",
+    "Rollouts",
     "ImageOnlyQwenVLProcessor",
     "Policy",
     "PromptBatch",

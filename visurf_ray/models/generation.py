@@ -5,7 +5,8 @@ do not match"); every special token except the eos token is therefore suppressed
 never Ray.
 """
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -14,12 +15,39 @@ from visurf_ray.models.inputs import PromptBatch
 from visurf_ray.models.policy import Policy
 
 
-class Generations(NamedTuple):
-    """N = B * num_return_sequences completions, prompt after prompt (all samples of prompt 0 first)."""
+@dataclass
+class Rollouts:
+    """Completions of one batch of prompts, ordered prompt-major (prompt 0's n completions, then prompt 1's, ...).
 
-    completion_ids: list[list[int]]  # token ids, ending with and including eos unless cut at max_new_tokens
-    prompt_index: list[int]  # prompt row of each completion
-    texts: list[str]  # completions decoded without special tokens
+    completion_ids: N lists of token ids, each ending at (and including) the eos token unless cut at max_new_tokens.
+    prompt_index:   N ints, the prompt each completion belongs to.
+    texts:          N decoded completions (special tokens removed).
+    old_logp:       N float32 tensors [len(completion_ids[i])]: the π_old of the clipped objective, taken from the
+                    sampling engine (`rollout.old_logp=engine`); or None (the default, as in verl and EasyR1): the
+                    trainer's own log-probs are π_old — at the one update per batch they are π_θ before the update,
+                    so the trainer uses its log-probs of that update, detached (ratio exactly 1), instead of paying
+                    for a second forward pass.
+    engine_logp:    N float32 tensors [len(completion_ids[i])]: log-probs of the sampled tokens under a separate
+                    engine's copy of the policy (vLLM; before temperature), reported against the trainer's own; None
+                    when the trained module itself samples (HF backend).
+    """
+
+    completion_ids: list[list[int]]
+    prompt_index: list[int]
+    texts: list[str]
+    old_logp: list[torch.Tensor] | None = None
+    engine_logp: list[torch.Tensor] | None = None
+
+    def __post_init__(self):
+        sizes = {len(self.completion_ids), len(self.prompt_index), len(self.texts)}
+        for per_completion in (self.old_logp, self.engine_logp):
+            if per_completion is not None:
+                sizes.add(len(per_completion))
+        if len(sizes) != 1:
+            raise ValueError(f"Rollouts fields have different lengths: {sorted(sizes)}")
+
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.completion_ids)
 
 
 def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -48,7 +76,7 @@ def generate(
     top_p: float = 1.0,
     do_sample: bool = True,
     seed: int = 0,
-) -> Generations:
+) -> Rollouts:
     """Sample completions for B prompts with the KV cache; the same seed gives the same completions on CPU.
 
     Args:
@@ -74,24 +102,26 @@ def generate(
     # repeat the flat pixel_values of variable-size images.
     device = policy.device
     prompts = prompt_batch.select(prompt_index).to(device)
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    options: dict[str, Any] = {
+        **prompts.model_inputs(),
+        "do_sample": do_sample,
+        "repetition_penalty": 1.0,
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "suppress_tokens": suppressed_token_ids(tokenizer),
+        "use_cache": True,
+    }
+    if do_sample:
+        options.update(temperature=temperature, top_p=top_p, top_k=0)
     cuda_devices = (
         [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     )
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
-        sequences = policy.model.generate(
-            **prompts.model_inputs(),
-            do_sample=do_sample,
-            **sampling,
-            repetition_penalty=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            suppress_tokens=suppressed_token_ids(tokenizer),
-            use_cache=True,
-        )
+        # transformers types `generate`'s self as its GenerativePreTrainedModel protocol, which mypy cannot match
+        sequences = policy.model.generate(**options)  # type: ignore[misc]
     new_tokens = sequences[:, prompts.prompt_length :].tolist()
     completion_ids = [_cut_at_eos(ids, tokenizer.eos_token_id) for ids in new_tokens]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Generations(completion_ids=completion_ids, prompt_index=prompt_index, texts=texts)
+    return Rollouts(completion_ids=completion_ids, prompt_index=prompt_index, texts=texts)

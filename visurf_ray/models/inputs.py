@@ -6,15 +6,20 @@ after them, so the completion of every member starts at the same column. Imports
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import DynamicCache
+from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers.cache_utils import DynamicLayer
 
 from visurf_ray.models.policy import Policy
 
 IMAGE_TOKEN_TYPE = 1  # mm_token_type_ids: 0 text, 1 image, 2 video
+
+VisionLanguageModel = Qwen2_5_VLForConditionalGeneration
+"""The policy module these functions run (its vision tower, language model and LM head are used directly)."""
 
 
 @dataclass
@@ -106,7 +111,9 @@ class SequenceBatch:
 
 def chat_prompt(policy: Policy, question: str) -> str:
     """The chat-formatted text of one user turn holding an image and `question`, ending with the assistant header."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
     return policy.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -226,7 +233,7 @@ def encode_sequences(
     )
 
 
-def image_features(model: torch.nn.Module, prompts: PromptBatch) -> list[torch.Tensor]:
+def image_features(model: VisionLanguageModel, prompts: PromptBatch) -> list[torch.Tensor]:
     """The vision tower's output for each prompt's image: B tensors [image tokens of prompt b, hidden], model dtype.
 
     Image tokens per prompt = its patches / spatial_merge_size² (16 for a 112×112-pixel image with 14-pixel patches).
@@ -236,31 +243,22 @@ def image_features(model: torch.nn.Module, prompts: PromptBatch) -> list[torch.T
     pooled = getattr(features, "pooler_output", features)  # transformers 5.19 wraps the per-image tuple in an output
     if isinstance(pooled, tuple | list):
         return list(pooled)
-    merged_patches = model.config.vision_config.spatial_merge_size**2
+    merged_patches = model.model.visual.spatial_merge_size**2
     return list(torch.split(pooled, (prompts.image_grid_thw.prod(dim=-1) // merged_patches).tolist()))
 
 
-def member_image_features(model: torch.nn.Module, seq_batch: SequenceBatch) -> dict[int, torch.Tensor]:
+def member_image_features(model: VisionLanguageModel, seq_batch: SequenceBatch) -> dict[int, torch.Tensor]:
     """`image_features` of each distinct prompt row among the members, {prompt row: [image tokens, hidden]}: the
     vision tower runs once per prompt on its first member's copy of the image, not once per member."""
     owners = seq_batch.prompt_index.tolist()
     first_member = {owner: member for member, owner in reversed(list(enumerate(owners)))}
-    members = list(first_member.values())
-    patch_counts = seq_batch.image_grid_thw.prod(dim=-1).tolist()
-    patch_starts = [sum(patch_counts[:member]) for member in range(len(owners))]
-    patch_rows = torch.cat([torch.arange(patch_starts[m], patch_starts[m] + patch_counts[m]) for m in members])
-    firsts = PromptBatch(
-        input_ids=seq_batch.input_ids[members],
-        attention_mask=seq_batch.attention_mask[members],
-        mm_token_type_ids=seq_batch.mm_token_type_ids[members],
-        pixel_values=seq_batch.pixel_values[patch_rows.to(seq_batch.pixel_values.device)],
-        image_grid_thw=seq_batch.image_grid_thw[members],
-    )
+    # the members' rows as a prompt batch (prompt + completion columns): only its images are read
+    firsts = PromptBatch(**seq_batch.model_inputs()).select(list(first_member.values()))
     return dict(zip(first_member, image_features(model, firsts)))
 
 
 def input_embeddings(
-    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor]
+    model: VisionLanguageModel, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor]
 ) -> torch.Tensor:
     """Token embeddings [N, P + T, hidden] with member n's image tokens replaced by `features[prompt_index[n]]`
     ([image tokens, hidden] per prompt row), as the model's own forward does with one encoding per member."""
@@ -268,18 +266,23 @@ def input_embeddings(
     missing = sorted(set(owners) - set(features))
     if missing:
         raise ValueError(f"features has no image features for prompt rows {missing}")
-    image_embeds = torch.cat([features[owner] for owner in owners])
-    embeddings = model.get_input_embeddings()(seq_batch.input_ids)
-    image_mask = (seq_batch.input_ids == model.config.image_token_id).unsqueeze(-1)
+    return _embed_with_images(model, seq_batch.input_ids, torch.cat([features[owner] for owner in owners]))
+
+
+def _embed_with_images(model: VisionLanguageModel, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Token embeddings [N, L, hidden] of `input_ids` [N, L] with the image tokens' replaced, row-major in order, by
+    `image_embeds` [image tokens of the batch, hidden] (cast to the embeddings' dtype)."""
+    embeddings = model.get_input_embeddings()(input_ids)
+    image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
     if int(image_mask.sum()) != image_embeds.shape[0]:
         raise ValueError(
-            f"seq_batch has {int(image_mask.sum())} image tokens but features give {image_embeds.shape[0]} embeddings"
+            f"the batch has {int(image_mask.sum())} image tokens but features give {image_embeds.shape[0]} embeddings"
         )
     return embeddings.masked_scatter(image_mask, image_embeds.to(embeddings.dtype))
 
 
 def completion_logits(
-    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
+    model: VisionLanguageModel, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Next-token logits at the positions that predict the completion tokens: [N, T, V], model dtype.
 
@@ -309,7 +312,7 @@ def _token_log_probs(logits: torch.Tensor, completion_ids: torch.Tensor) -> tupl
 
 
 def completion_logprobs(
-    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
+    model: VisionLanguageModel, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log π(completion token | image, prompt, earlier completion tokens).
 
@@ -325,7 +328,7 @@ def completion_logprobs(
 
 
 def completion_logprobs_and_entropy(
-    model: torch.nn.Module, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
+    model: VisionLanguageModel, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`completion_logprobs` plus the policy's entropy at each completion position, from the same forward pass.
 
@@ -361,7 +364,7 @@ class PromptStates:
 
 
 def prompt_states(
-    model: torch.nn.Module, prompts: PromptBatch, features: list[torch.Tensor] | None = None
+    model: VisionLanguageModel, prompts: PromptBatch, features: list[torch.Tensor] | None = None
 ) -> PromptStates:
     """Run the language model once over B prompts and keep its key/value states.
 
@@ -374,12 +377,7 @@ def prompt_states(
     prompts = prompts.to(device)
     if features is None:
         features = image_features(model, prompts)
-    image_embeds = torch.cat(list(features))
-    embeddings = model.get_input_embeddings()(prompts.input_ids)
-    image_mask = (prompts.input_ids == model.config.image_token_id).unsqueeze(-1)
-    if int(image_mask.sum()) != image_embeds.shape[0]:
-        raise ValueError(f"prompts have {int(image_mask.sum())} image tokens but features give {image_embeds.shape[0]}")
-    embeddings = embeddings.masked_scatter(image_mask, image_embeds.to(embeddings.dtype))
+    embeddings = _embed_with_images(model, prompts.input_ids, torch.cat(list(features)))
     positions, _ = model.model.get_rope_index(
         input_ids=prompts.input_ids,
         mm_token_type_ids=prompts.mm_token_type_ids,
@@ -394,9 +392,15 @@ def prompt_states(
         past_key_values=cache,
         use_cache=True,
     )
+    keys, values = [], []
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise ValueError(f"the prompts' key/value cache has a layer without keys and values: {layer!r}")
+        keys.append(layer.keys)
+        values.append(layer.values)
     return PromptStates(
-        keys=[layer.keys for layer in cache.layers],
-        values=[layer.values for layer in cache.layers],
+        keys=keys,
+        values=values,
         last_hidden=outputs.last_hidden_state[:, -1],  # left padding: the last column is every prompt's last token
         attention_mask=prompts.attention_mask,
         next_position=positions.amax(dim=(0, 2)) + 1,
@@ -404,7 +408,7 @@ def prompt_states(
 
 
 def shared_prompt_logprobs_and_entropy(
-    model: torch.nn.Module, states: PromptStates, completions: CompletionBatch
+    model: VisionLanguageModel, states: PromptStates, completions: CompletionBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`completion_logprobs_and_entropy` of N completions scored against their prompts' `states`: only the completion
     tokens run through the language model, attending to their prompt's keys and values (each prompt ran once).

@@ -8,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +33,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
+VIDEO_PROCESSOR_CONFIG = "video_preprocessor_config.json"
+VIDEO_PROCESSOR_TYPE = "Qwen2VLVideoProcessor"
 
 
 @dataclass
@@ -50,11 +53,20 @@ class Policy:
         return next(self.model.parameters()).device
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write model weights, config, generation config, processor, tokenizer and chat template to `path`."""
+        """Write model weights, config, generation config, processor, tokenizer and chat template to `path`, and a
+        video processor config with the image processor's settings: vLLM (and `AutoProcessor` where torchvision is
+        installed) loads the stock Qwen2.5-VL processor, which needs one; the folder then loads in vLLM as it is."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
+        video = {
+            key: value
+            for key, value in self.processor.image_processor.to_dict().items()
+            if key != "image_processor_type"
+        }
+        video["video_processor_type"] = VIDEO_PROCESSOR_TYPE
+        (path / VIDEO_PROCESSOR_CONFIG).write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
         return path
 
 
@@ -123,15 +135,19 @@ def load_policy(
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        model, loading_info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            folder, dtype=dtype, output_loading_info=True
+        # with output_loading_info transformers returns (model, info), though it types the call as the model alone
+        model, loading_info = cast(
+            tuple[Qwen2_5_VLForConditionalGeneration, dict[str, Any]],
+            Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, output_loading_info=True),
         )
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
         raise ValueError(f"could not read the weights in {folder}: {error}") from error
     incomplete = {key: loading_info[key] for key in ("missing_keys", "mismatched_keys") if loading_info.get(key)}
     if incomplete:
         raise ValueError(f"weights in {folder} do not match the model: {incomplete}")
-    return Policy(model=batch_vision_windows(model).to(device), processor=_load_processor(folder))
+    # transformers' decorator on PreTrainedModel.to hides its signature from mypy
+    model = batch_vision_windows(model).to(device)  # type: ignore[arg-type]
+    return Policy(model=model, processor=_load_processor(folder))
 
 
 def use_input_dtype_norms(model: torch.nn.Module) -> torch.nn.Module:

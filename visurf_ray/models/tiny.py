@@ -26,8 +26,8 @@ from visurf_ray.models.vision_attention import batch_vision_windows
 
 @dataclass(frozen=True)
 class TinyVLMSpec:
-    """Sizes of the tiny Qwen2.5-VL (defaults: 1,651,744 parameters; the settings that make it learn where objects are
-    differ from DESIGN.md's, see below).
+    """Sizes of the tiny Qwen2.5-VL (defaults: 1,651,744 parameters, with the settings that make it learn where
+    objects are, see below).
 
     head_dim is text_hidden / text_heads (64 at the defaults, as vLLM needs): transformers' Qwen2.5-VL attention
     derives it from those two and ignores a separate head_dim, so it cannot be chosen independently.
@@ -124,7 +124,13 @@ def build_tiny_vlm(
             so that `load_policy(out_dir)` loads it back.
     """
     tokenizer = train_tokenizer(corpus, vocab_size=spec.vocab_size)
-    token_id = tokenizer.convert_tokens_to_ids
+
+    def token_id(token: str) -> int:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(found, int):
+            raise ValueError(f"the trained tokenizer has no single id for {token!r}")
+        return found
+
     text_config = Qwen2_5_VLTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,

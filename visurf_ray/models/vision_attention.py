@@ -6,12 +6,16 @@ checkpoint one per 112-pixel window per block. `BatchedWindowVisionAttention` co
 `scaled_dot_product_attention` call per distinct window length. Imports torch and transformers; never Ray.
 """
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionAttention,
     apply_rotary_pos_emb_vision,
 )
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 class BatchedWindowVisionAttention(Qwen2_5_VLVisionAttention):
@@ -23,10 +27,15 @@ class BatchedWindowVisionAttention(Qwen2_5_VLVisionAttention):
         hidden_states: torch.Tensor,
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
         if self.config._attn_implementation != "sdpa":
-            return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+            return super().forward(
+                hidden_states, cu_seqlens, position_embeddings=position_embeddings, max_seqlen=max_seqlen, **kwargs
+            )
+        if position_embeddings is None:
+            raise ValueError("BatchedWindowVisionAttention needs the vision tower's position_embeddings (cos, sin)")
         seq_length = hidden_states.shape[0]
         query, key, value = (
             self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -51,7 +60,7 @@ class BatchedWindowVisionAttention(Qwen2_5_VLVisionAttention):
         return self.proj(attn_output.reshape(seq_length, -1))
 
 
-def batch_vision_windows(model: torch.nn.Module) -> torch.nn.Module:
+def batch_vision_windows(model: ModuleT) -> ModuleT:
     """Turn every Qwen2.5-VL vision attention of `model` (in place) into a `BatchedWindowVisionAttention`.
 
     Returns `model`. Parameters and state dict are unchanged."""

@@ -94,7 +94,8 @@ class ObjectiveConfig:
     setting independent of ViSurf's label controls: "answer" (the paper's: the dataset's solution verbatim inside
     `<answer>…</answer>`, no think block), "empty_think" (`<think></think><answer>…</answer>` with json.dumps spacing)
     or "reasoning" (the sample's reasoning trace in the think block; the offline benchmark provides one).
-    kl_coef / kl_kind: KL(π_θ ‖ π_ref) penalty weight (>= 0, 0 = off) and estimator (losses.KL_ESTIMATORS).
+    kl_coef / kl_kind: KL(π_θ ‖ π_ref) penalty weight (>= 0, 0 = off) and estimator (losses.KL_ESTIMATORS), taken
+    over the rollouts' tokens only (masked off the label's, which are not sampled from π_θ).
     sft_share: for sft_rlvr, the fraction of optimizer steps spent in SFT, in [0, 1]; the RL stage starts with a
     fresh optimizer state and learning-rate schedule, as a second run would.
     luffy_gamma: LUFFY's policy-shaping constant γ > 0 in π/(π + γ) (the paper's 0.1).
@@ -183,16 +184,16 @@ def stack_members(rollout: Tensor | None, label: Tensor | None) -> Tensor:
     rollout: [B, G, *] or None; label: [B, *] or None; at least one given, with equal B and trailing dims *.
     Returns [N, *] with N = B·(G + 1), B·G or B. Works for advantages, rewards, flags and padded token rows alike.
     """
-    if rollout is None and label is None:
-        raise ValueError("stack_members needs rollout or label, got neither")
     if rollout is not None and (not isinstance(rollout, Tensor) or rollout.ndim < 2):
         raise ValueError(f"rollout must be a [B, G, *] tensor, got {type(rollout).__name__}")
     if label is not None and (not isinstance(label, Tensor) or label.ndim < 1):
         raise ValueError(f"label must be a [B, *] tensor, got {type(label).__name__}")
+    if rollout is None:
+        if label is None:
+            raise ValueError("stack_members needs rollout or label, got neither")
+        return label
     if label is None:
         return rollout.flatten(0, 1)
-    if rollout is None:
-        return label
     if rollout.shape[:1] + rollout.shape[2:] != label.shape or rollout.dtype != label.dtype:
         raise ValueError(
             f"label ({label.dtype}, shape {tuple(label.shape)}) must match rollout ({rollout.dtype}, shape "
@@ -273,7 +274,8 @@ class Paradigm(ABC):
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss over the batch's N members in member order. logp, old_logp, ref_logp: [N, T] log-probs (nats) of the
         members' completion tokens; mask: [N, T] bool; advantages: [N]; is_label: [N] bool. ref_logp is required
-        when cfg.kl_coef > 0; when given, its KL is reported as `kl` and added with weight cfg.kl_coef.
+        when cfg.kl_coef > 0; when given, its KL over the rollouts' tokens (never the label's) is reported as `kl`
+        and added with weight cfg.kl_coef.
         Returns (loss scalar, metrics with at least `loss`)."""
 
     def for_step(self, step: int, total_steps: int, cfg: ObjectiveConfig) -> Paradigm:
@@ -305,7 +307,9 @@ class Paradigm(ABC):
             not isinstance(rollout_rewards, Tensor) or rollout_rewards.ndim != 2 or rollout_rewards.shape[1] != rollouts
         ):
             got = (
-                tuple(rollout_rewards.shape) if isinstance(rollout_rewards, Tensor) else type(rollout_rewards).__name__
+                str(tuple(rollout_rewards.shape))
+                if isinstance(rollout_rewards, Tensor)
+                else type(rollout_rewards).__name__
             )
             expected = f"num_rollouts={cfg.num_rollouts}" + (" − 1" if rollouts != cfg.num_rollouts else "")
             raise ValueError(f"rollout_rewards must have shape [B, {expected}], got {got}")
@@ -344,9 +348,16 @@ class Paradigm(ABC):
         cfg: ObjectiveConfig,
         ref_logp: Tensor | None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Add the KL term and the label/rollout split metrics."""
+        """Add the KL term and the label/rollout split metrics. The KL estimators hold on tokens sampled from π_θ, so
+        the term is taken over the rollouts alone (aggregated by cfg.agg over them), never over a label's tokens; a
+        batch of labels only (SFT) has no KL term."""
         if ref_logp is not None:
-            kl = kl_penalty(logp, ref_logp, mask, cfg.kl_kind, agg=cfg.agg)
+            rollouts = ~is_label
+            kl = (
+                kl_penalty(logp[rollouts], ref_logp[rollouts], mask[rollouts], cfg.kl_kind, agg=cfg.agg)
+                if rollouts.any()
+                else logp.new_zeros(())
+            )
             loss = loss + cfg.kl_coef * kl
             metrics["kl"] = kl.item()
         elif cfg.kl_coef > 0:

@@ -1,28 +1,65 @@
-"""Reward verifiers on strings, by task name (verl / EasyR1 style registry), and the reward controls.
+"""The tasks, by name (verl / EasyR1 style registry): one self-describing module per task, and the reward controls.
 
 Pure Python + numpy/scipy: nothing in this package imports torch, ray or transformers.
 
-Each task verifier is a self-describing module (its docstring states the solution and completion formats and every
-component's range) providing `score(completion, solution, *, image_size=None) -> {"thinking_format", "non_repeat",
-"answer_format", "accuracy", "overall"}` (overall = the sum of the other four), `parse_solution(solution)`,
-`is_success(components)`, `ACCURACY_MAX`, `OVERALL_MAX`, `ANSWER_IS_JSON` and `CANONICAL_KEY_ORDER`.
-`score` never raises on the completion's content; a malformed solution or image_size is a ValueError.
-Reward controls (align the label, eliminate its thinking reward) live in `controls.py`; metrics in `metrics.py`.
+A task is one module that carries everything about it (`Task`): the answer format its prompts ask for, the reward
+verifier (`score(completion, solution, *, image_size=None) -> {"thinking_format", "non_repeat", "answer_format",
+"accuracy", "overall"}`, overall = the sum of the other four; `parse_solution`, `is_success`), its evaluation (per-item
+values, the metrics over them and the headline one, dataset-level metrics, the slice of an item), and the geometry of
+its solutions. Adding a task is one module and one `register_task` line below. `score` never raises on the
+completion's content; a malformed solution or image_size is a ValueError.
+Reward controls (align the label, eliminate its thinking reward) live in `controls.py`; the evaluation that uses the
+tasks' metrics in `metrics.py`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from visurf_ray.rewards import anomaly, count, grounding, gui_point, thinking_format
+from visurf_ray.rewards.geometry import Box, Point
+from visurf_ray.rewards.item_metrics import ItemMetric
 
 
-class Verifier(Protocol):
-    """What a task verifier module provides (modules satisfy this protocol structurally)."""
+class Task(Protocol):
+    """What a task module provides (modules satisfy this protocol structurally; `register_task` checks it).
 
-    ACCURACY_MAX: float
-    OVERALL_MAX: float
-    ANSWER_IS_JSON: bool
-    CANONICAL_KEY_ORDER: tuple[str, ...]
+    NAME: the task's name (`Sample.task`). ANSWER_FORMAT: the answer's shape shown in the prompt's instruction.
+    ACCURACY_MAX / OVERALL_MAX: the largest accuracy component and overall reward. ANSWER_IS_JSON: the answer is JSON
+    (else plain text, possibly wrapped in ANSWER_WRAPPER = (open, close), e.g. `\\boxed{…}`; None for JSON tasks).
+    CANONICAL_KEY_ORDER: the keys a JSON answer writes first. ABSTAIN_ANSWER: the answer "nothing matches" whose
+    log-prob the trainer's evaluation reports per item, or None. METRICS: reported item-mean metrics by name;
+    HEADLINE: the one reported as "score".
+    """
+
+    @property
+    def NAME(self) -> str: ...
+
+    @property
+    def ANSWER_FORMAT(self) -> str: ...
+
+    @property
+    def ACCURACY_MAX(self) -> float: ...
+
+    @property
+    def OVERALL_MAX(self) -> float: ...
+
+    @property
+    def ANSWER_IS_JSON(self) -> bool: ...
+
+    @property
+    def ANSWER_WRAPPER(self) -> tuple[str, str] | None: ...
+
+    @property
+    def CANONICAL_KEY_ORDER(self) -> tuple[str, ...]: ...
+
+    @property
+    def ABSTAIN_ANSWER(self) -> str | None: ...
+
+    @property
+    def METRICS(self) -> Mapping[str, ItemMetric]: ...
+
+    @property
+    def HEADLINE(self) -> str: ...
 
     def score(self, completion: str, solution: str, *, image_size: tuple[int, int] | None = None) -> dict[str, float]:
         """Reward components of `completion` against `solution`; image_size is (width, height) in pixels."""
@@ -36,27 +73,60 @@ class Verifier(Protocol):
         """Whether the scored completion solved its item."""
         ...
 
+    def parse_prediction(self, completion: str) -> Any:
+        """The task's reading of any completion's answer (its module says the form); for a plain-answer task (not
+        ANSWER_IS_JSON), None when the completion has no usable answer."""
+        ...
 
-VERIFIERS: dict[str, Verifier] = {}
+    def item_values(
+        self, completion: str, solution: str, image_size: tuple[int, int], components: Mapping[str, float]
+    ) -> dict[str, float]:
+        """The task's own per-item values (those its METRICS average), given the item's reward components."""
+        ...
+
+    def dataset_metrics(
+        self, completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
+    ) -> dict[str, float]:
+        """Metrics that are not item means (e.g. grounding's cIoU); {} if none."""
+        ...
+
+    def solution_geometry(self, parsed: Any) -> tuple[list[Box], list[Point]]:
+        """(boxes, points) in pixels of a parsed solution."""
+        ...
+
+    def solution_slice(self, parsed: Any) -> str:
+        """The evaluation slice of an item from its parsed solution alone."""
+        ...
 
 
-def register_verifier(name: str, verifier: Verifier) -> Verifier:
-    """Add `verifier` to VERIFIERS under `name`; ValueError if the name is taken. Returns the verifier."""
-    if name in VERIFIERS:
-        raise ValueError(f"verifier {name!r} is already registered")
-    VERIFIERS[name] = verifier
-    return verifier
+TASK_MEMBERS = tuple(name for name in vars(Task) if not name.startswith("_"))
+TASKS: dict[str, Task] = {}
 
 
-for _name, _module in (("grounding", grounding), ("gui_point", gui_point), ("anomaly", anomaly), ("count", count)):
-    register_verifier(_name, _module)
+def register_task(task: Task) -> Task:
+    """Add the task module `task` to TASKS under its NAME; ValueError naming what is missing or taken. Returns it."""
+    missing = [name for name in TASK_MEMBERS if not hasattr(task, name)]
+    if missing:
+        raise ValueError(f"task {getattr(task, 'NAME', task)!r} lacks {missing} (see visurf_ray.rewards.Task)")
+    if task.NAME in TASKS:
+        raise ValueError(f"task {task.NAME!r} is already registered")
+    if task.HEADLINE not in task.METRICS:
+        raise ValueError(f"headline {task.HEADLINE!r} of task {task.NAME!r} is not one of its METRICS")
+    TASKS[task.NAME] = task
+    return task
 
 
-def get_verifier(task: str) -> Verifier:
-    """The verifier registered as `task`; ValueError naming the unknown task and the known ones."""
-    if task not in VERIFIERS:
-        raise ValueError(f"unknown task {task!r}; registered verifiers: {sorted(VERIFIERS)}")
-    return VERIFIERS[task]
+register_task(grounding)
+register_task(gui_point)
+register_task(anomaly)
+register_task(count)
+
+
+def get_task(name: str) -> Task:
+    """The task registered as `name`; ValueError naming the unknown task and the known ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
+    return TASKS[name]
 
 
 def score(
@@ -73,7 +143,7 @@ def score(
     strict_format: thinking_format is `thinking_format.follows_strict_format` (exactly one think and one answer
         block) instead of the paper's regex; `overall` is recomputed.
     """
-    components = get_verifier(task).score(completion, solution, image_size=image_size)
+    components = get_task(task).score(completion, solution, image_size=image_size)
     if strict_format and components["thinking_format"] and not thinking_format.follows_strict_format(completion):
         components["overall"] -= components["thinking_format"]
         components["thinking_format"] = 0.0

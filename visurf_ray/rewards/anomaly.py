@@ -1,6 +1,8 @@
-"""Anomaly verifier (RealIAD / ISIC style): is there a defect, and where?
+"""The anomaly task (RealIAD / ISIC style): is there a defect, and where?
 
 Pure numpy: must not import torch, ray or transformers.
+Everything about the task lives here (the task protocol: `visurf_ray.rewards.Task`): its prompt's answer format,
+the verifier, its evaluation metrics and slices, and the geometry of its solutions.
 
 Solution (what the dataset stores, and the canonical answer text): a JSON object, one of
 `{"defect": true, "bbox_2d": [x1, y1, x2, y2]}` (defect with its box, pixels, x1 <= x2, y1 <= y2),
@@ -20,18 +22,35 @@ Components (they add up to `overall`, in [0, OVERALL_MAX] = [0, 5]):
   localisation = presence (nothing to localise). A missing or unparsable answer scores 0.
 
 Success (`is_success`): accuracy >= ACCURACY_MAX / 2, i.e. at least the presence is right.
+
+Evaluation (`item_values`, METRICS; headline "balanced_accuracy"): "balanced_accuracy" (the mean of "accuracy_clean"
+and "accuracy_defect": a constant answer scores 0.5 whatever the defect share) and "accuracy" (fraction whose
+predicted defect presence matches; a missing answer counts wrong). Slices: "clean" and "defect".
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from visurf_ray.rewards.answer import extract_answer, parse_json_answer, require_str
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
-from visurf_ray.rewards.geometry import IOU_THRESHOLD, Box, as_box, box_iou, validate_image_size
+from visurf_ray.rewards.geometry import IOU_THRESHOLD, Box, Point, as_box, box_iou, validate_image_size
+from visurf_ray.rewards.item_metrics import ItemMetric
 
+NAME = "anomaly"
+ANSWER_FORMAT = '{"defect": true, "bbox_2d": [...]} or {"defect": false}'
 ACCURACY_MAX = 2.0
 OVERALL_MAX = FORMAT_MAX + ACCURACY_MAX
 ANSWER_IS_JSON = True
+ANSWER_WRAPPER = None
 CANONICAL_KEY_ORDER = ("defect", "bbox_2d")
+ABSTAIN_ANSWER = None
+CLEAN, DEFECT = "clean", "defect"
+METRICS = {
+    "accuracy": ItemMetric("correct"),
+    "accuracy_clean": ItemMetric("correct", ((CLEAN,),)),
+    "accuracy_defect": ItemMetric("correct", ((DEFECT,),)),
+    "balanced_accuracy": ItemMetric("correct", ((CLEAN,), (DEFECT,))),
+}
+HEADLINE = "balanced_accuracy"
 
 
 def parse_solution(solution: str) -> tuple[bool, Box | None]:
@@ -82,3 +101,27 @@ def score(completion: str, solution: str, *, image_size: tuple[int, int] | None 
 def is_success(components: Mapping[str, float]) -> bool:
     """Whether a scored completion got at least the defect's presence right: accuracy >= ACCURACY_MAX / 2."""
     return accuracy_at_least_half(components, ACCURACY_MAX)
+
+
+def solution_geometry(parsed: tuple[bool, Box | None]) -> tuple[list[Box], list[Point]]:
+    """(boxes, points) of a parsed solution: the defect's box, if any."""
+    _, box = parsed
+    return ([] if box is None else [box]), []
+
+
+def solution_slice(parsed: tuple[bool, Box | None]) -> str:
+    return DEFECT if parsed[0] else CLEAN
+
+
+def item_values(
+    completion: str, solution: str, image_size: tuple[int, int], components: Mapping[str, float]
+) -> dict[str, float]:
+    """ "correct": the predicted defect presence is right (a missing answer counts wrong)."""
+    return {"correct": float(parse_prediction(completion)[0] == parse_solution(solution)[0])}
+
+
+def dataset_metrics(
+    completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
+) -> dict[str, float]:
+    """None: every metric of the task is an item mean."""
+    return {}

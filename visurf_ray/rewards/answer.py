@@ -6,7 +6,7 @@ never raises on its content; only a non-string argument is a `ValueError`.
 
 import json
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
@@ -69,7 +69,7 @@ def parse_json_answer(text: str | None) -> list[Any] | dict[str, Any] | None:
     return value if isinstance(value, list | dict) else None
 
 
-def is_finite_number(value: object) -> bool:
+def is_finite_number(value: object) -> TypeGuard[int | float]:
     """True for an int or float (not bool) whose value is finite as a float64; False for anything else."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False

@@ -7,10 +7,11 @@ Aligning (our reading of the paper's "rewrite the label in the style of the poli
 - `detect_style` votes over the parsable rollouts (answer block present and parsed by the task's rules), field by
   field: the whitespace after `,` and after `:` in the JSON (a rollout votes only if it uses one spaces-only run for
   each), the key order of its first object, the number of decimals of its numbers (a rollout votes only if all its
-  numbers agree; integers count as 0 decimals; exponents do not vote), whether a count/math answer is `\\boxed{…}`,
+  numbers agree; integers count as 0 decimals; exponents do not vote), whether a plain answer is wrapped (the task's
+  ANSWER_WRAPPER, e.g. `\\boxed{…}`),
   and the whitespace between `</think>` and `<answer>` (rollouts that have that sequence). The most common value
   wins, ties go to the value seen first; a field nobody votes on keeps the canonical style (`json.dumps` spacing
-  `", "` / `": "`, the task's key order, numbers as written in the solution, bare count answers, no separator).
+  `", "` / `": "`, the task's key order, numbers as written in the solution, unwrapped plain answers, no separator).
 - `serialize_answer` rewrites the solution in that style without changing any value: a number is written with the
   detected decimals only when that text parses back to the same value, else as in the solution.
 - `label_completion(..., align=True)` is `<think></think>{separator}<answer>{aligned solution}</answer>`: the label
@@ -28,9 +29,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from visurf_ray.rewards import get_verifier
-from visurf_ray.rewards.answer import ANSWER_OPEN, extract_answer, find_answer_span, is_finite_number, parse_json_answer
-from visurf_ray.rewards.count import BOXED, predicted_answer
+from visurf_ray.rewards import get_task
+from visurf_ray.rewards.answer import ANSWER_OPEN, find_answer_span, is_finite_number, parse_json_answer
 from visurf_ray.rewards.thinking_format import THINK_CLOSE
 
 _SEPARATOR_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|([,:])(\s*)', re.DOTALL)
@@ -43,7 +43,8 @@ class AnswerStyle:
     item_separator: `,` plus spaces between array items and object members. key_separator: `:` plus spaces after a
     key. key_order: keys written first, in this order (others follow in the solution's order). decimals: digits after
     the decimal point of every number, or None to keep the solution's numbers. think_answer_separator: whitespace
-    between `</think>` and `<answer>`. boxed: whether a count/math answer is written `\\boxed{…}`.
+    between `</think>` and `<answer>`. wrapped: whether a plain (non-JSON) answer is written inside its task's
+    ANSWER_WRAPPER (e.g. `\\boxed{…}`).
     """
 
     item_separator: str = ", "
@@ -51,7 +52,7 @@ class AnswerStyle:
     key_order: tuple[str, ...] = ()
     decimals: int | None = None
     think_answer_separator: str = ""
-    boxed: bool = False
+    wrapped: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r",[ ]*", self.item_separator):
@@ -66,7 +67,7 @@ class AnswerStyle:
 
 def canonical_style(task: str) -> AnswerStyle:
     """The fallback style of `task`: json.dumps spacing, the task's canonical key order, the solution's numbers."""
-    return AnswerStyle(key_order=tuple(get_verifier(task).CANONICAL_KEY_ORDER))
+    return AnswerStyle(key_order=tuple(get_task(task).CANONICAL_KEY_ORDER))
 
 
 def _majority(votes: Iterable[Hashable], default: Any) -> Any:
@@ -112,14 +113,17 @@ def detect_style(task: str, completions: Sequence[str]) -> AnswerStyle:
 
     completions: G rollouts. Returns the canonical style for fields no parsable rollout votes on.
     """
-    verifier = get_verifier(task)
+    definition = get_task(task)
     canonical = canonical_style(task)
     votes: dict[str, list[Hashable]] = {style_field.name: [] for style_field in fields(AnswerStyle)}
     for index, completion in enumerate(completions):
         if not isinstance(completion, str):
             raise ValueError(f"completions[{index}] must be a str, got {type(completion).__name__}")
-        answer_text = extract_answer(completion)
-        if verifier.ANSWER_IS_JSON:
+        span = find_answer_span(completion)
+        if span is None:
+            continue
+        answer_text = completion[span[0] : span[1]].strip()
+        if definition.ANSWER_IS_JSON:
             answer = parse_json_answer(answer_text)
             if answer is None:
                 continue
@@ -127,10 +131,11 @@ def detect_style(task: str, completions: Sequence[str]) -> AnswerStyle:
                 if vote is not None:
                     votes[name].append(vote)
         else:
-            if predicted_answer(completion) is None:
+            if definition.parse_prediction(completion) is None:
                 continue
-            votes["boxed"].append(BOXED in answer_text)
-        before_answer = completion[: find_answer_span(completion)[0] - len(ANSWER_OPEN)]
+            wrapper = definition.ANSWER_WRAPPER
+            votes["wrapped"].append(wrapper is not None and wrapper[0] in answer_text)
+        before_answer = completion[: span[0] - len(ANSWER_OPEN)]
         if before_answer.rstrip().endswith(THINK_CLOSE):
             votes["think_answer_separator"].append(before_answer[len(before_answer.rstrip()) :])
     return AnswerStyle(**{name: _majority(votes[name], getattr(canonical, name)) for name in votes})
@@ -158,11 +163,14 @@ def _dump(value: Any, style: AnswerStyle) -> str:
 
 def serialize_answer(task: str, solution: str, style: AnswerStyle) -> str:
     """The answer text of `solution` written in `style`, every value unchanged; ValueError for a bad solution."""
-    verifier = get_verifier(task)
-    parsed = verifier.parse_solution(solution)
-    if verifier.ANSWER_IS_JSON:
+    definition = get_task(task)
+    parsed = definition.parse_solution(solution)
+    if definition.ANSWER_IS_JSON:
         return _dump(parse_json_answer(solution), style)
-    return f"{BOXED}{parsed}}}" if style.boxed else parsed
+    if style.wrapped and definition.ANSWER_WRAPPER is not None:
+        opening, closing = definition.ANSWER_WRAPPER
+        return f"{opening}{parsed}{closing}"
+    return parsed
 
 
 def label_completion(
@@ -178,7 +186,7 @@ def label_completion(
         raise ValueError(f"reasoning must be a str or None, got {type(reasoning).__name__}")
     think = "" if reasoning is None else f"<think>{reasoning}</think>"
     if not align:
-        get_verifier(task).parse_solution(solution)
+        get_task(task).parse_solution(solution)
         return f"{think}<answer>{solution}</answer>"
     style = detect_style(task, rollouts)
     think = think or "<think></think>"

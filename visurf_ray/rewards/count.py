@@ -1,6 +1,8 @@
-"""Count / math verifier (counting, MathVista style): is the final answer exactly right after normalisation?
+"""The count / math task (counting, MathVista style): is the final answer exactly right after normalisation?
 
 Pure Python: must not import torch, ray or transformers.
+Everything about the task lives here (the task protocol: `visurf_ray.rewards.Task`): its prompt's answer format,
+the verifier, its evaluation metrics and slices, and the geometry of its solutions.
 
 Solution (what the dataset stores, and the canonical answer text): the answer as text, e.g. `3`, `-2.5`, `1,024`,
 `B`; it may be written as `\\boxed{3}`. It must be non-empty after normalisation, contain no `<answer>`/`</answer>`
@@ -20,21 +22,32 @@ Components (they add up to `overall`, in [0, OVERALL_MAX] = [0, 4]):
 - accuracy in {0, 1} = ACCURACY_MAX: 1 when the normalised answer equals the normalised solution.
 
 Success (`is_success`): accuracy >= ACCURACY_MAX / 2, i.e. exact.
+
+Evaluation (`item_values`, METRICS; headline "accuracy"): the fraction exactly right after normalisation. One slice,
+"all".
 """
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
 from visurf_ray.rewards.answer import ANSWER_CLOSE, ANSWER_OPEN, extract_answer, require_str
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
-from visurf_ray.rewards.geometry import validate_image_size
+from visurf_ray.rewards.geometry import Box, Point, validate_image_size
+from visurf_ray.rewards.item_metrics import SLICE_ALL, ItemMetric
 
+NAME = "count"
+ANSWER_FORMAT = "\\boxed{n}"
 ACCURACY_MAX = 1.0
 OVERALL_MAX = FORMAT_MAX + ACCURACY_MAX
 ANSWER_IS_JSON = False
-CANONICAL_KEY_ORDER: tuple[str, ...] = ()
 BOXED = "\\boxed{"
+ANSWER_WRAPPER = (BOXED, "}")
+"""How a (non-JSON) answer may be wrapped; the label is wrapped like the rollouts when aligned."""
+CANONICAL_KEY_ORDER: tuple[str, ...] = ()
+ABSTAIN_ANSWER = None
+METRICS = {"accuracy": ItemMetric("correct")}
+HEADLINE = "accuracy"
 _BRACE = re.compile(r"[{}]")
 _NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
@@ -73,7 +86,7 @@ def parse_solution(solution: str) -> str:
     return answer.strip()
 
 
-def predicted_answer(completion: str) -> str | Decimal | None:
+def parse_prediction(completion: str) -> str | Decimal | None:
     """The normalised final answer of any completion string, or None when missing, empty or unclosed-boxed."""
     content = extract_answer(completion)
     answer = None if content is None else unbox(content)
@@ -89,10 +102,33 @@ def score(completion: str, solution: str, *, image_size: tuple[int, int] | None 
     """
     truth = normalise(parse_solution(solution))
     validate_image_size(image_size)
-    answer = predicted_answer(completion)
+    answer = parse_prediction(completion)
     return task_components(completion, float(answer is not None), float(answer is not None and answer == truth))
 
 
 def is_success(components: Mapping[str, float]) -> bool:
     """Whether a scored completion is exactly right: accuracy >= ACCURACY_MAX / 2."""
     return accuracy_at_least_half(components, ACCURACY_MAX)
+
+
+def solution_geometry(parsed: str) -> tuple[list[Box], list[Point]]:
+    """No boxes or points."""
+    return [], []
+
+
+def solution_slice(parsed: str) -> str:
+    return SLICE_ALL
+
+
+def item_values(
+    completion: str, solution: str, image_size: tuple[int, int], components: Mapping[str, float]
+) -> dict[str, float]:
+    """ "correct": the answer is exactly right after normalisation."""
+    return {"correct": components["accuracy"]}
+
+
+def dataset_metrics(
+    completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
+) -> dict[str, float]:
+    """None: every metric of the task is an item mean."""
+    return {}

@@ -42,7 +42,7 @@ def validate_image_size(image_size: object) -> tuple[int, int] | None:
     if (
         not isinstance(image_size, tuple | list)
         or len(image_size) != 2
-        or not all(isinstance(side, Integral) and not isinstance(side, bool) and side > 0 for side in image_size)
+        or not all(isinstance(side, Integral) and not isinstance(side, bool) and int(side) > 0 for side in image_size)
     ):
         raise ValueError(f"image_size must be None or (width, height), two positive ints in pixels: {image_size!r}")
     return int(image_size[0]), int(image_size[1])

@@ -1,6 +1,8 @@
-"""Grounding verifier (gRefCOCO / ReasonSeg style): boxes and points of every referred object, or none.
+"""The grounding task (gRefCOCO / ReasonSeg style): boxes and points of every referred object, or none.
 
-Pure numpy/scipy: must not import torch, ray or transformers.
+Pure numpy/scipy: must not import torch, ray or transformers. Everything about the task lives here (the task
+protocol: `visurf_ray.rewards.Task`): its prompt's answer format, the verifier, its evaluation metrics and slices,
+and the geometry of its solutions.
 
 Solution (what the dataset stores, and the canonical answer text): a JSON array of objects, each with exactly the keys
 `bbox_2d` ([x1, y1, x2, y2], x1 <= x2, y1 <= y2) and `point_2d` ([x, y] inside its box), in pixels of the image the
@@ -25,9 +27,23 @@ Components (they add up to `overall`, in [0, OVERALL_MAX] = [0, 6]):
   N-Acc counts it. A missing or unparsable answer scores 0.
 
 Success (`is_success`): accuracy >= ACCURACY_MAX / 2.
+
+Evaluation (`item_values`, METRICS; headline "giou"): "giou" (mean per-sample IoU) and "giou_object" / "giou_seen" /
+"giou_unseen_attribute" (on items with an object, by slice), "n_acc" (correct empty predictions / empty ground
+truths) beside "empty_rate_object" (valid `[]` predictions on items with an object), "logp_empty_no_object" /
+"logp_empty_object" (log π(`[]`) after the model's own `<answer>`, which the trainer's evaluation adds as
+"logp_empty"), and, over the dataset, "ciou" (cumulative intersection / cumulative union, pixels). A sample's IoU
+compares the union masks of the predicted and true boxes rendered on its image grid (`geometry.box_mask`); an empty
+prediction for an empty ground truth counts IoU 1, an empty prediction for a non-empty one (or the reverse) 0. A
+prediction is invalid when its answer is missing, is not a JSON array, or has an item without a valid bbox_2d: its
+IoU is 0, it adds nothing to the cumulative intersection and the true area to the cumulative union, and it is not a
+correct empty prediction. Boxes are masks here (the paper turns boxes and points into masks with SAM2; box masks are
+our stand-in). Slices: "seen", "unseen_attribute" (or "object" when the data says no more) and "no_object".
 """
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -42,18 +58,41 @@ from visurf_ray.rewards.geometry import (
     Point,
     as_box,
     as_point,
+    box_mask,
     distance_matrix,
     iou_matrix,
     l1_matrix,
     pixel_scale,
     point_in_box,
 )
+from visurf_ray.rewards.item_metrics import ItemMetric
 
+NAME = "grounding"
+ANSWER_FORMAT = '[{"bbox_2d": [...], "point_2d": [...]}] or []'
 ACCURACY_MAX = 3.0
 OVERALL_MAX = FORMAT_MAX + ACCURACY_MAX
 ANSWER_IS_JSON = True
+ANSWER_WRAPPER = None
 CANONICAL_KEY_ORDER = ("bbox_2d", "point_2d")
 SOLUTION_KEYS = frozenset(CANONICAL_KEY_ORDER)
+ABSTAIN_ANSWER = "[]"
+"""The answer "nothing matches", whose log-prob the trainer's evaluation reports per item ("logp_empty")."""
+
+NO_OBJECT = "no_object"
+OBJECT_SLICES = ("seen", "unseen_attribute", "object")
+"""Slices whose items have at least one true object: the query names a pretraining attribute ("seen"), the
+post-training-only colour ("unseen_attribute"), or, for rows without that information, just "object"."""
+METRICS = {
+    "giou": ItemMetric("iou"),
+    "giou_object": ItemMetric("iou", (OBJECT_SLICES,)),
+    "giou_seen": ItemMetric("iou", (("seen",),)),
+    "giou_unseen_attribute": ItemMetric("iou", (("unseen_attribute",),)),
+    "n_acc": ItemMetric("empty", ((NO_OBJECT,),)),
+    "empty_rate_object": ItemMetric("empty", (OBJECT_SLICES,)),
+    "logp_empty_no_object": ItemMetric("logp_empty", ((NO_OBJECT,),)),
+    "logp_empty_object": ItemMetric("logp_empty", (OBJECT_SLICES,)),
+}
+HEADLINE = "giou"
 
 
 def parse_solution(solution: str) -> list[tuple[Box, Point]]:
@@ -114,7 +153,9 @@ def accuracy(
     if not prediction:
         return 0.0
     has_box = np.array([box is not None for box, _ in prediction])
-    has_point = np.array([None not in (box, point) and point_in_box(point, box) for box, point in prediction])
+    has_point = np.array(
+        [box is not None and point is not None and point_in_box(point, box) for box, point in prediction]
+    )
     pred_boxes = np.array([box if box is not None else (0.0, 0.0, 0.0, 0.0) for box, _ in prediction])
     pred_points = np.array([point if point is not None else (0.0, 0.0) for _, point in prediction])
     true_boxes = np.array([box for box, _ in truth])
@@ -143,3 +184,73 @@ def score(completion: str, solution: str, *, image_size: tuple[int, int] | None 
 def is_success(components: Mapping[str, float]) -> bool:
     """Whether a scored completion solved its item: accuracy >= ACCURACY_MAX / 2."""
     return accuracy_at_least_half(components, ACCURACY_MAX)
+
+
+def solution_geometry(parsed: list[tuple[Box, Point]]) -> tuple[list[Box], list[Point]]:
+    """(boxes, points) of a parsed solution."""
+    return [box for box, _ in parsed], [point for _, point in parsed]
+
+
+def solution_slice(parsed: list[tuple[Box, Point]]) -> str:
+    """ "no_object" for `[]`, else "object" (the slice when the data says no more)."""
+    return NO_OBJECT if not parsed else "object"
+
+
+@dataclass(frozen=True)
+class MaskOverlap:
+    """Pixel overlap of one sample's predicted and true box masks.
+
+    intersection, union: pixel counts; an invalid prediction has intersection 0 and union = the true mask's area.
+    truth_empty: the solution is `[]`. prediction_empty: the prediction is a valid `[]`.
+    """
+
+    intersection: int
+    union: int
+    truth_empty: bool
+    prediction_empty: bool
+
+    @property
+    def iou(self) -> float:
+        """gIoU's per-sample term in [0, 1]: 1 for empty/empty, 0 when exactly one side is empty, else I / U."""
+        if self.truth_empty or self.prediction_empty:
+            return float(self.truth_empty and self.prediction_empty)
+        return self.intersection / self.union if self.union else 0.0
+
+
+def mask_overlap(completion: str, solution: str, image_size: tuple[int, int]) -> MaskOverlap:
+    """Overlap of the predicted and true box masks of one sample on its image grid.
+
+    completion: any string; solution: a grounding solution; image_size: (width, height) in pixels.
+    """
+    truth = [box for box, _ in parse_solution(solution)]
+    prediction = parse_prediction(completion)
+    true_mask = box_mask(truth, image_size)
+    boxes = [box for box, _ in prediction or () if box is not None]
+    if prediction is None or len(boxes) < len(prediction):
+        return MaskOverlap(0, int(np.count_nonzero(true_mask)), not truth, False)
+    predicted_mask = box_mask(boxes, image_size)
+    return MaskOverlap(
+        intersection=int(np.count_nonzero(predicted_mask & true_mask)),
+        union=int(np.count_nonzero(predicted_mask | true_mask)),
+        truth_empty=not truth,
+        prediction_empty=not prediction,
+    )
+
+
+def item_values(
+    completion: str, solution: str, image_size: tuple[int, int], components: Mapping[str, float]
+) -> dict[str, float]:
+    """ "iou" (gIoU's per-item term, MaskOverlap.iou) and "empty" (the prediction is a valid `[]`). n_acc (gRefCOCO's
+    N-Acc) is "empty" on no-object items; beside it, "empty" on items with an object (a blind `[]` guess raises
+    both) and gIoU on items with an object."""
+    overlap = mask_overlap(completion, solution, image_size)
+    return {"iou": overlap.iou, "empty": float(overlap.prediction_empty)}
+
+
+def dataset_metrics(
+    completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
+) -> dict[str, float]:
+    """ "ciou": cumulative intersection / cumulative union over the dataset (NaN with no pixels anywhere)."""
+    overlaps = [mask_overlap(c, s, size) for c, s, size in zip(completions, solutions, image_sizes)]
+    union = sum(overlap.union for overlap in overlaps)
+    return {"ciou": sum(overlap.intersection for overlap in overlaps) / union if union else math.nan}

@@ -1,6 +1,8 @@
-"""GUI pointing verifier (OmniACT style): does the predicted click point land inside the target element's box?
+"""The GUI pointing task (OmniACT style): does the predicted click point land inside the target element's box?
 
 Pure Python: must not import torch, ray or transformers.
+Everything about the task lives here (the task protocol: `visurf_ray.rewards.Task`): its prompt's answer format,
+the verifier, its evaluation metrics and slices, and the geometry of its solutions.
 
 Solution (what the dataset stores, and the canonical answer text): a JSON array with exactly one object with exactly
 the keys `bbox_2d` (the target element's box [x1, y1, x2, y2], x1 <= x2, y1 <= y2) and `point_2d` (a click point
@@ -18,19 +20,29 @@ Components (they add up to `overall`, in [0, OVERALL_MAX] = [0, 4]):
   the target box (edges included). Containment is scale-free, so image_size is only validated.
 
 Success (`is_success`): accuracy >= ACCURACY_MAX / 2, i.e. the point hit the target.
+
+Evaluation (`item_values`, METRICS; headline "point_accuracy"): the fraction of predicted points inside the target
+box. One slice, "all".
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from visurf_ray.rewards.answer import extract_answer, parse_json_answer, require_str
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
 from visurf_ray.rewards.geometry import Box, Point, as_box, as_point, point_in_box, validate_image_size
+from visurf_ray.rewards.item_metrics import SLICE_ALL, ItemMetric
 
+NAME = "gui_point"
+ANSWER_FORMAT = '[{"bbox_2d": [...], "point_2d": [...]}]'
 ACCURACY_MAX = 1.0
 OVERALL_MAX = FORMAT_MAX + ACCURACY_MAX
 ANSWER_IS_JSON = True
+ANSWER_WRAPPER = None
 CANONICAL_KEY_ORDER = ("bbox_2d", "point_2d")
 SOLUTION_KEYS = frozenset(CANONICAL_KEY_ORDER)
+ABSTAIN_ANSWER = None
+METRICS = {"point_accuracy": ItemMetric("hit")}
+HEADLINE = "point_accuracy"
 
 
 def parse_solution(solution: str) -> tuple[Box, Point]:
@@ -49,7 +61,7 @@ def parse_solution(solution: str) -> tuple[Box, Point]:
     return box, point
 
 
-def predicted_point(completion: str) -> tuple[Point | None, bool]:
+def parse_prediction(completion: str) -> tuple[Point | None, bool]:
     """(the predicted click point or None, whether the answer is well-formed) for any completion string."""
     answer = parse_json_answer(extract_answer(completion))
     if not isinstance(answer, list) or len(answer) != 1 or not isinstance(answer[0], dict):
@@ -67,7 +79,7 @@ def score(completion: str, solution: str, *, image_size: tuple[int, int] | None 
     """
     target_box, _ = parse_solution(solution)
     validate_image_size(image_size)
-    point, well_formed = predicted_point(completion)
+    point, well_formed = parse_prediction(completion)
     hit = point is not None and point_in_box(point, target_box)
     return task_components(completion, float(well_formed), float(hit))
 
@@ -75,3 +87,27 @@ def score(completion: str, solution: str, *, image_size: tuple[int, int] | None 
 def is_success(components: Mapping[str, float]) -> bool:
     """Whether a scored completion hit the target: accuracy >= ACCURACY_MAX / 2."""
     return accuracy_at_least_half(components, ACCURACY_MAX)
+
+
+def solution_geometry(parsed: tuple[Box, Point]) -> tuple[list[Box], list[Point]]:
+    """(boxes, points) of a parsed solution: the target's box and its reference click point."""
+    box, point = parsed
+    return [box], [point]
+
+
+def solution_slice(parsed: tuple[Box, Point]) -> str:
+    return SLICE_ALL
+
+
+def item_values(
+    completion: str, solution: str, image_size: tuple[int, int], components: Mapping[str, float]
+) -> dict[str, float]:
+    """ "hit": the predicted point lies inside the target box."""
+    return {"hit": components["accuracy"]}
+
+
+def dataset_metrics(
+    completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
+) -> dict[str, float]:
+    """None: every metric of the task is an item mean."""
+    return {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from visurf_ray.models.generation import generate
+from visurf_ray.models.generation import Rollouts, generate
 from visurf_ray.models.inputs import PromptBatch
 from visurf_ray.models.policy import Policy
-from visurf_ray.rollout.base import Rollouts, SamplingConfig
+from visurf_ray.rollout.base import SamplingConfig
 
 
 class HFRolloutBackend:
@@ -29,7 +29,7 @@ class HFRolloutBackend:
     ) -> Rollouts:
         """n completions per prompt of `prompt_batch` [B, P] (already encoded: `images`/`questions` are not needed);
         old_logp is None (on-policy, see `Rollouts`)."""
-        completions = generate(
+        return generate(
             self.policy,
             prompt_batch,
             num_return_sequences=n,
@@ -39,8 +39,6 @@ class HFRolloutBackend:
             do_sample=sampling.do_sample,
             seed=seed,
         )
-        return Rollouts(completions.completion_ids, completions.prompt_index, completions.texts, old_logp=None)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Nothing to do: generation runs on the trained module itself."""
-        self.policy.model = model
+        """Nothing to do: generation runs on the trained module itself (`policy.model`)."""

@@ -1,38 +1,45 @@
-"""Rollouts with a colocated vLLM engine on the trainer's GPU (the optional `gpu` extra), with old log-probs.
+"""Rollouts with a colocated vLLM engine on the trainer's device (CPU or GPU), in the trainer's process.
 
-One engine per trainer process (tensor parallel 1), built on the policy's checkpoint folder in sleep mode. Its memory
-is held only while it samples; the trainer's weights are loaded into it right before:
+One engine per trainer process (tensor parallel 1), built on the policy's checkpoint folder. Before every `generate`
+the trainer's current weights are loaded into it with vLLM's in-place `reload_weights` (the same call on every
+platform; it re-runs the post-load processing, e.g. the CPU layers' weight repacking). Where vLLM's platform supports
+sleep mode (CUDA, ROCm, XPU) the engine's memory is held only while it samples:
 
     generate:  wake weights -> load the trainer's current weights -> wake KV cache -> sample -> sleep (level 2)
-    update:    the engine is asleep (weights and KV cache released), the trainer has the GPU
-    sync_weights(model): records the module whose weights the next `generate` loads (no GPU work)
+    update:    the engine is asleep (weights and KV cache released), the trainer has the device
+    sync_weights(model): records the module whose weights the next `generate` loads (no device work)
 
 Level-2 sleep drops the engine's weights instead of copying them to CPU: they are replaced at every `generate` anyway.
+On CPU the engine stays awake. Building the engine and sampling leave the trainer's global RNGs as they were.
 vLLM processes each image with the checkpoint folder's own processor config, so prompts tokenize as in the trainer.
-Imports torch and visurf_ray.models; vllm only inside `VLLMRolloutBackend` (GPU machines); never Ray.
+Imports torch and visurf_ray.models; vllm only inside `VLLMRolloutBackend`; never Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from visurf_ray.models.generation import suppressed_token_ids
+from visurf_ray.models.generation import Rollouts, suppressed_token_ids
 from visurf_ray.models.inputs import PromptBatch, chat_prompt
-from visurf_ray.models.policy import Policy
-from visurf_ray.rollout.base import Rollouts, SamplingConfig
+from visurf_ray.models.policy import VIDEO_PROCESSOR_CONFIG, Policy
+from visurf_ray.rollout.base import SamplingConfig
 
 SLEEP_LEVEL = 2  # drop the engine's weights while asleep (no CPU copy): every generate loads all of them anyway
 VLLM_MISSING = (
-    "rollout.backend=vllm needs vLLM, which is not installed: install the project's `gpu` extra "
-    "(pip install -e '.[gpu]', CUDA machines only), or use rollout.backend=hf"
+    "rollout.backend=vllm needs vLLM, which is not installed: on a CUDA machine install the project's `gpu` extra "
+    "(pip install -e '.[gpu]' -c constraints-gpu.txt); on a CPU machine use .venv-vllm (bash scripts/venv-vllm.sh); "
+    "or use rollout.backend=hf"
 )
 
 
@@ -44,9 +51,10 @@ def allowed_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def trainer_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every parameter of the trainer's module, named as in its state dict (vLLM's Qwen2.5-VL maps
-    these names). Parameters partitioned by DeepSpeed ZeRO-3 are gathered one at a time, on every rank."""
-    for name, param in model.named_parameters():
+    """(name, tensor) of every parameter of the trainer's module under each of its state-dict names: a tied weight is
+    yielded under both names (vLLM keeps a separate copy of the tied lm_head, e.g. repacked on CPU). Parameters
+    partitioned by DeepSpeed ZeRO-3 are gathered one at a time, on every rank."""
+    for name, param in model.named_parameters(remove_duplicate=False):
         if hasattr(param, "ds_id"):  # a ZeRO-3 partition: the full tensor exists only inside GatheredParameters
             import deepspeed
 
@@ -56,16 +64,33 @@ def trainer_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
             yield name, param.data
 
 
-def _external_launcher_env() -> None:
+@contextlib.contextmanager
+def global_rng_kept() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global RNG states (CPU and every CUDA device) on exit: vLLM reseeds them
+    (`set_random_seed(seed)`) while it builds an engine, which would otherwise change the trainer's random stream."""
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    numpy_state = np.random.get_state()  # noqa: NPY002 (the legacy global state is what vLLM reseeds)
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _external_launcher_env(device_type: str) -> None:
     """vLLM's "external_launcher" executor (as in vLLM's torchrun examples and TRL's colocate mode) joins this
     process's torch.distributed world (Ray Train's, or the single-rank group of `train.engine`) from RANK/LOCAL_RANK/
     WORLD_SIZE, creating it from MASTER_ADDR/PORT when no group exists yet; every rank then holds its own engine (tensor
-    parallel 1), running in this process, so functions passed to the model need no serialization."""
+    parallel 1), running in this process, so the weights passed to it need no serialization."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if dist.is_initialized():
         os.environ.setdefault("RANK", str(dist.get_rank()))
         os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-        os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device()))
+        os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if device_type == "cuda" else 0))
         return
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
@@ -76,69 +101,91 @@ def _external_launcher_env() -> None:
 
 
 class VLLMRolloutBackend:
-    """Samples with a colocated `vllm.LLM` holding a copy of the trainer's weights; returns vLLM's log-probs of the
-    sampled tokens (raw: full vocabulary, before temperature and the token guard) as `Rollouts.old_logp`."""
+    """Samples with a colocated `vllm.LLM` holding a copy of the trainer's weights. Returns vLLM's log-probs of the
+    sampled tokens (raw: full vocabulary, before temperature and the token guard) as `Rollouts.engine_logp`, and also
+    as `Rollouts.old_logp` (the π_old of the clipped objective) only when `engine_old_logp` is set; by default the
+    trainer's own log-probs are π_old, as in verl and EasyR1."""
 
     def __init__(
         self,
         policy: Policy,
         *,
         model_path: str | Path,
-        gpu_memory_utilization: float,
+        kv_cache_bytes: int,
         max_model_len: int | None = None,
+        engine_old_logp: bool = False,
     ):
         """policy: the trainer's policy (its module is the weight source until `sync_weights` names another).
         model_path: the checkpoint folder `policy` was loaded from (config, tokenizer, processor; the weights there
-        are replaced before the first sample). gpu_memory_utilization: fraction of the GPU's memory the engine may
-        take while awake, weights and KV cache together. max_model_len: prompt + completion tokens per sequence
-        (default: the model's maximum)."""
+        are replaced before the first sample). kv_cache_bytes: memory of the engine's KV cache in bytes (vLLM's
+        kv_cache_memory_bytes: the same meaning on CPU and GPU). max_model_len: prompt + completion tokens per sequence
+        (default: the model's maximum). engine_old_logp: use vLLM's log-probs as π_old instead of the trainer's."""
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError as error:
             raise ImportError(VLLM_MISSING) from error
-        if not torch.cuda.is_available():
-            raise RuntimeError("rollout.backend=vllm needs a CUDA GPU; use rollout.backend=hf on CPU")
-        if not 0 < gpu_memory_utilization < 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization}")
-        if not Path(model_path).is_dir():
+        device_type = current_platform.device_type
+        if device_type != policy.device.type:
+            raise RuntimeError(
+                f"rollout.backend=vllm: vLLM's platform here is {device_type or 'unspecified'!r} but the policy is on "
+                f"{policy.device.type!r}; install the vLLM build for this device (CUDA: the `gpu` extra; CPU: "
+                "scripts/venv-vllm.sh) or use rollout.backend=hf"
+            )
+        if kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0, got {kv_cache_bytes}")
+        folder = Path(model_path)
+        if not folder.is_dir():
             raise ValueError(f"model_path={str(model_path)!r} is not a checkpoint folder")
+        if not any((folder / name).is_file() for name in (VIDEO_PROCESSOR_CONFIG, "preprocessor_config.json")):
+            raise ValueError(
+                f"{folder} has no {VIDEO_PROCESSOR_CONFIG} (nor preprocessor_config.json), which vLLM's Qwen2.5-VL "
+                "processor needs; folders written by Policy.save_pretrained have it: re-save this one with "
+                "load_policy(folder).save_pretrained(folder)"
+            )
         self.policy = policy
-        self.source = policy.model
+        self.source: torch.nn.Module = policy.model
+        self.engine_old_logp = engine_old_logp
+        self.sleeps = current_platform.is_sleep_mode_available()
         self.allowed_token_ids = allowed_token_ids(policy.tokenizer)
-        _external_launcher_env()
-        torch.cuda.empty_cache()  # vLLM sizes itself from the memory free on the device
-        self.llm = vllm.LLM(
-            model=str(model_path),
-            dtype=str(policy.model.dtype).removeprefix("torch."),
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            enable_sleep_mode=True,
-            distributed_executor_backend="external_launcher",
-            tensor_parallel_size=1,
-            generation_config="vllm",  # sampling is set here alone, not by the checkpoint's generation_config.json
-            logprobs_mode="raw_logprobs",  # log π of the unmodified model, as the trainer computes it
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            seed=0,
-        )
-        self.llm.sleep(level=SLEEP_LEVEL)
+        _external_launcher_env(device_type)
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+        with global_rng_kept():
+            self.llm = vllm.LLM(
+                model=str(folder),
+                dtype=str(policy.model.dtype).removeprefix("torch."),
+                kv_cache_memory_bytes=kv_cache_bytes,
+                max_model_len=max_model_len,
+                enable_sleep_mode=self.sleeps,
+                distributed_executor_backend="external_launcher",
+                tensor_parallel_size=1,
+                generation_config="vllm",  # sampling is set here alone, not by the checkpoint's generation_config.json
+                logprobs_mode="raw_logprobs",  # log π of the unmodified model, as the trainer computes it
+                limit_mm_per_prompt={"image": 1, "video": 0},
+                seed=0,
+            )
+            if self.sleeps:
+                self.llm.sleep(level=SLEEP_LEVEL)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """The next `generate` samples with `model`'s weights as they are then (loaded right before sampling)."""
         self.source = model
 
-    def _wake_with_trainer_weights(self) -> None:
-        # The documented RLHF sequence after a level-2 sleep (docs.vllm.ai/en/latest/features/sleep_mode): wake the
-        # weights alone, restore every weight, then wake the KV cache (vLLM issue #29341: skipping the restore gives
-        # garbage). Weights are restored with `LLM.apply_model(fn)`, i.e. collective_rpc("apply_model"), which calls
-        # fn on each worker's nn.Module (WorkerBase.apply_model, vllm/v1/worker/worker_base.py); with the external
-        # launcher that runs here, in-process. The module's `load_weights(Iterable[(name, tensor)])` maps Hugging
-        # Face names (model.language_model.*, model.visual.*, lm_head.*) onto vLLM's layout.
-        torch.cuda.empty_cache()  # memory the trainer freed goes back to the driver, where vLLM allocates
-        self.llm.wake_up(tags=["weights"])
-        weights = trainer_weights(self.source)
-        self.llm.apply_model(lambda model: model.load_weights(weights))
-        self.llm.wake_up(tags=["kv_cache"])
-        self.llm.reset_prefix_cache()  # no prefix computed with older weights may be reused
+    def _load_trainer_weights(self) -> None:
+        # After a level-2 sleep the documented RLHF sequence (docs.vllm.ai/en/latest/features/sleep_mode) wakes the
+        # weights alone, restores every weight, then wakes the KV cache (vLLM issue #29341: skipping the restore gives
+        # garbage). `reload_weights` (collective_rpc: with the external launcher it runs here, in-process) maps Hugging
+        # Face names (model.language_model.*, model.visual.*, lm_head.*) through the model's `load_weights` and then
+        # re-runs the post-load processing, so it also works where a platform repacks weights after loading (CPU).
+        if self.sleeps:
+            torch.cuda.empty_cache()  # memory the trainer freed goes back to the driver, where vLLM allocates
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": trainer_weights(self.source)})
+        if self.sleeps:
+            self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()  # no key/value states computed with older weights may be reused,
+        self.llm.llm_engine.reset_encoder_cache()  # nor image features (the scheduler's record of them included)
 
     def generate(
         self,
@@ -160,7 +207,8 @@ class VLLMRolloutBackend:
             images: the B PIL images; questions: the B question texts (as given to `encode_prompts`).
 
         Returns:
-            Rollouts of B·n completions, prompt-major; old_logp[i]: float32 [len(completion_ids[i])] nats.
+            Rollouts of B·n completions, prompt-major; engine_logp[i]: float32 [len(completion_ids[i])] nats (also
+            old_logp when the backend was built with engine_old_logp).
         """
         from vllm import SamplingParams
 
@@ -189,21 +237,29 @@ class VLLMRolloutBackend:
             )
             for row in range(len(requests))
         ]
-        self._wake_with_trainer_weights()
-        try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-        finally:
-            self.llm.sleep(level=SLEEP_LEVEL)
+        with global_rng_kept():
+            self._load_trainer_weights()
+            try:
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
+            finally:
+                if self.sleeps:
+                    self.llm.sleep(level=SLEEP_LEVEL)
 
         completion_ids: list[list[int]] = []
         prompt_index: list[int] = []
-        old_logp: list[torch.Tensor] = []
+        engine_logp: list[torch.Tensor] = []
         for row, output in enumerate(outputs):
             for completion in sorted(output.outputs, key=lambda c: c.index):
                 ids = list(completion.token_ids)
                 completion_ids.append(ids)
                 prompt_index.append(row)
                 logps = [position[token].logprob for token, position in zip(ids, completion.logprobs)]
-                old_logp.append(torch.tensor(logps, dtype=torch.float32))
+                engine_logp.append(torch.tensor(logps, dtype=torch.float32))
         texts = self.policy.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        return Rollouts(completion_ids, prompt_index, texts, old_logp=old_logp)
+        return Rollouts(
+            completion_ids,
+            prompt_index,
+            texts,
+            old_logp=engine_logp if self.engine_old_logp else None,
+            engine_logp=engine_logp,
+        )

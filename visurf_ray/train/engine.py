@@ -7,7 +7,6 @@ extension is JIT-built. Never imports Ray.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from dataclasses import dataclass
@@ -19,6 +18,14 @@ import torch.distributed as dist
 
 from visurf_ray.config import DeepSpeedConfig, OptimConfig
 from visurf_ray.locks import exclusive_lock
+from visurf_ray.train.schedules import StagedSchedule
+
+DEEPSPEED_TAG = "engine"
+"""`Engine.save`'s DeepSpeed checkpoint tag: the subfolder of the checkpoint folder DeepSpeed writes into."""
+DEEPSPEED_MODEL_STATES = Path(DEEPSPEED_TAG) / "mp_rank_00_model_states.pt"
+"""The file of DeepSpeed's checkpoint (ZeRO stages 0-2) that holds the module weights."""
+TORCH_ENGINE_FILE = "engine.pt"
+"""`Engine.save`'s file when DeepSpeed is off: {"module", "optimizer", "scheduler"} state dicts."""
 
 
 def ensure_process_group() -> None:
@@ -57,49 +64,6 @@ def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int) 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup over `warmup` steps, then cosine decay to 10% at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def warmup_constant(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup over `warmup` steps, then 1 (the paper's constant learning rate)."""
-    return (step + 1) / warmup if step < warmup else 1.0
-
-
-LR_SHAPES = {"cosine": warmup_cosine, "constant": warmup_constant}
-"""`optim.schedule` -> the multiplier of a stage's step: (step in the stage, the stage's length, warmup steps)."""
-
-
-@dataclass(frozen=True)
-class StagedSchedule:
-    """LR multiplier of a run made of stages (e.g. SFT then RLVR): each stage starting at a step of `starts` (0 first,
-    increasing) runs its own `shape` (a name in LR_SHAPES) over its own length, as a separate run would. A picklable
-    callable, so that LambdaLR's state_dict keeps it."""
-
-    total: int
-    warmup: int
-    starts: tuple[int, ...] = (0,)
-    shape: str = "cosine"
-
-    def __post_init__(self):
-        if not self.starts or self.starts[0] != 0 or list(self.starts) != sorted(set(self.starts)):
-            raise ValueError(f"stage starts must be increasing and begin at 0, got {self.starts}")
-        if self.starts[-1] >= max(self.total, 1):
-            raise ValueError(f"stage starts {self.starts} must lie below the total of {self.total} steps")
-        if self.shape not in LR_SHAPES:
-            raise ValueError(f"schedule shape must be one of {sorted(LR_SHAPES)}, got {self.shape!r}")
-
-    def __call__(self, step: int) -> float:
-        start = max(s for s in self.starts if s <= step)
-        later = [s for s in self.starts if s > step]
-        end = later[0] if later else self.total
-        return LR_SHAPES[self.shape](step - start, end - start, self.warmup)
 
 
 @dataclass
@@ -153,9 +117,10 @@ class Engine:
         self.torch_optimizer().state.clear()
 
     def save(self, folder: Path) -> None:
-        """Write engine state (weights, optimizer, schedule) into `folder` (every rank calls this)."""
+        """Write engine state (weights, optimizer, schedule) into `folder` (every rank calls this): DeepSpeed's
+        checkpoint under the tag DEEPSPEED_TAG, or TORCH_ENGINE_FILE when DeepSpeed is off."""
         if self.deepspeed_engine is not None:
-            self.deepspeed_engine.save_checkpoint(str(folder), tag="engine")
+            self.deepspeed_engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         elif not dist.is_initialized() or dist.get_rank() == 0:
             torch.save(
                 {
@@ -163,19 +128,36 @@ class Engine:
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                 },
-                folder / "engine.pt",
+                folder / TORCH_ENGINE_FILE,
             )
 
     def load(self, folder: Path) -> None:
         if self.deepspeed_engine is not None:
-            path, _ = self.deepspeed_engine.load_checkpoint(str(folder), tag="engine")
+            path, _ = self.deepspeed_engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed engine state under {folder}")
         else:
-            state = torch.load(folder / "engine.pt", map_location="cpu", weights_only=False)
+            state = torch.load(folder / TORCH_ENGINE_FILE, map_location="cpu", weights_only=False)
             self.module.load_state_dict(state["module"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+
+
+def load_saved_weights(module: torch.nn.Module, folder: str | Path) -> None:
+    """Load the module weights that `Engine.save` wrote into `folder` into `module`, in its dtype, without an engine:
+    DeepSpeed's DEEPSPEED_MODEL_STATES (the module state under "module"; with bf16 training these are the bf16 module
+    weights, not the fp32 master copy) or TORCH_ENGINE_FILE. ZeRO-3 checkpoints (partitioned weights) are refused."""
+    folder = Path(folder)
+    files = [folder / name for name in (DEEPSPEED_MODEL_STATES, TORCH_ENGINE_FILE) if (folder / name).is_file()]
+    if not files:
+        raise ValueError(f"checkpoint {folder} holds neither {DEEPSPEED_MODEL_STATES} nor {TORCH_ENGINE_FILE}")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "module" not in state:
+        raise ValueError(f"{files[0]} has no 'module' state dict")
+    try:
+        module.load_state_dict(state["module"])
+    except RuntimeError as error:
+        raise ValueError(f"{files[0]} does not match the module (a ZeRO-3 checkpoint?): {error}") from error
 
 
 def load_cpu_communication_op() -> None:

@@ -2,9 +2,9 @@
 
 Every trial of a sweep starts from the same checkpoint and evaluates it on the same items with greedy decoding, so
 step 0's evaluation is the same for all of them: the first trial computes it while holding a lock, the others read
-it. The key covers everything that can change a greedy answer: the checkpoint's files (names, sizes, modification
-times), every eval item (id, task, prompt, solution, image bytes), the token limit, the eval batch size, torch's
-thread count, the dtype and the library versions. Never imports Ray.
+it. The key covers everything that can change a greedy answer or its score: the checkpoint's files (names, sizes,
+modification times), every eval item (id, task, prompt, solution, image bytes, the stored image's frame when resized),
+the token limit, the eval batch size, torch's thread count, the dtype and the library versions. Never imports Ray.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from visurf_ray.data.frames import IMAGE_FRAME
 from visurf_ray.data.sample import Sample
 from visurf_ray.locks import exclusive_lock
 from visurf_ray.train import evaluate as evaluation
@@ -38,6 +39,8 @@ def evaluation_key(checkpoint: Path, eval_sets: dict[str, list[Sample]], max_new
     for name, samples in eval_sets.items():
         for s in samples:
             digest.update(f"{name}|{s.id}|{s.task}|{s.problem}|{s.solution}|{s.image.size}\n".encode())
+            if IMAGE_FRAME in s.meta:  # a resized image: its answers are scored in the stored image's frame
+                digest.update(json.dumps(s.meta[IMAGE_FRAME], sort_keys=True).encode())
             digest.update(s.image.tobytes())
     settings = {
         "checkpoint": str(Path(checkpoint).resolve()),

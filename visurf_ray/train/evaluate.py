@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from visurf_ray.data.frames import in_image_frame
 from visurf_ray.data.sample import Sample
 from visurf_ray.models.generation import generate
 from visurf_ray.models.inputs import completion_logprobs, encode_prompts, encode_sequences
 from visurf_ray.models.policy import Policy
+from visurf_ray.rewards import get_task
 from visurf_ray.rewards.metrics import item_values, solution_slice, summarise
 
 EVAL_BATCH = 64  # prompts per generate call (measured on the tiny model: 64 decodes 192 items 17% faster than 32)
-EMPTY_ANSWER = "[]"
 ANSWER_OPEN = "<answer>"
 
 
@@ -29,7 +30,7 @@ class Evaluation:
     """metrics: `eval/<set>/<metric>` for every set and reported metric (NaN ones left out), `eval/<set>/score` (the
     task's headline) and `eval/mean_score` (mean of the sets' scores; the sweep's default objective).
     items: one row per eval item: eval_set, item_id, task, slice and its values (`rewards.metrics.item_values`;
-    grounding items also "logp_empty")."""
+    items of tasks with an ABSTAIN_ANSWER, e.g. grounding, also "logp_empty")."""
 
     metrics: dict[str, float]
     items: list[dict]
@@ -53,10 +54,11 @@ def greedy_answers(policy: Policy, samples: list[Sample], max_new_tokens: int) -
 
 
 @torch.no_grad()
-def empty_answer_logprobs(policy: Policy, samples: list[Sample], answers: list[str]) -> list[float]:
-    """log π(`[]` | image, prompt, the model's own answer up to its first `<answer>`) in nats, per sample: how close
-    the policy is to answering "no object" after its own reasoning. NaN where the answer has no `<answer>` tag or
-    the tokenizer merges `[]` into the tag (the prefix's tokens are then not a prefix of the whole)."""
+def abstain_answer_logprobs(policy: Policy, samples: list[Sample], answers: list[str], abstain: str) -> list[float]:
+    """log π(`abstain` | image, prompt, the model's own answer up to its first `<answer>`) in nats, per sample: how
+    close the policy is to answering "nothing matches" (e.g. grounding's `[]`) after its own reasoning. NaN where the
+    answer has no `<answer>` tag or the tokenizer merges `abstain` into the tag (the prefix's tokens are then not a
+    prefix of the whole)."""
     tokenizer = policy.tokenizer
     rows, completions = [], []
     for index, answer in enumerate(answers):
@@ -65,7 +67,7 @@ def empty_answer_logprobs(policy: Policy, samples: list[Sample], answers: list[s
             continue
         prefix = answer[: cut + len(ANSWER_OPEN)]
         prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(prefix + EMPTY_ANSWER, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(prefix + abstain, add_special_tokens=False)["input_ids"]
         if full_ids[: len(prefix_ids)] == prefix_ids and len(full_ids) > len(prefix_ids):
             rows.append((index, len(prefix_ids)))
             completions.append(full_ids)
@@ -82,14 +84,17 @@ def empty_answer_logprobs(policy: Policy, samples: list[Sample], answers: list[s
 
 
 def _set_rows(policy: Policy, label: str, samples: list[Sample], max_new_tokens: int) -> list[dict]:
-    """Item rows of this rank's `samples` of eval set `label` (all of one task)."""
+    """Item rows of this rank's `samples` of eval set `label` (all of one task), each answer scored in its image's own
+    frame (`data.frames.in_image_frame`: mapped back from the model's when the image was resized)."""
     if not samples:
         return []
     answers = greedy_answers(policy, samples, max_new_tokens)
     task = samples[0].task
-    values = item_values(task, answers, [s.solution for s in samples], [(s.img_width, s.img_height) for s in samples])
-    if task == "grounding":
-        for row, logp in zip(values, empty_answer_logprobs(policy, samples, answers)):
+    scored, solutions, sizes = zip(*(in_image_frame(s, answer) for s, answer in zip(samples, answers)))
+    values = item_values(task, list(scored), list(solutions), list(sizes))
+    abstain = get_task(task).ABSTAIN_ANSWER
+    if abstain is not None:
+        for row, logp in zip(values, abstain_answer_logprobs(policy, samples, answers, abstain)):
             row["logp_empty"] = logp
     return [
         {"eval_set": label, "item_id": s.id, "task": task, "slice": sample_slice(s), **row}

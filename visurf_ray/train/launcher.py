@@ -83,7 +83,8 @@ def torch_trainer(cfg: ExperimentConfig, *, callbacks: list | None = None):
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": env} if env else None,
+            # Ray Train v2's RunConfig (what ray.train exports at run time) takes it; mypy reads the v1 class
+            worker_runtime_env={"env_vars": env} if env else None,  # type: ignore[call-arg]
         ),
     )
 

@@ -24,16 +24,13 @@ import torch.distributed as dist
 
 from visurf_ray.config import ExperimentConfig
 from visurf_ray.data.sample import Sample
-from visurf_ray.objectives.paradigms import get_paradigm
-from visurf_ray.rollout.base import SamplingConfig
 from visurf_ray.train.data import eval_sets, train_dataset
-from visurf_ray.train.engine import Engine, build_engine
+from visurf_ray.train.engine import Engine
 from visurf_ray.train.eval_cache import cached_evaluation, evaluation_key
 from visurf_ray.train.evaluate import Evaluation, evaluate
-from visurf_ray.train.models import load_reference, model_dir, resolve_policy
-from visurf_ray.train.rollout import make_backend
+from visurf_ray.train.models import model_dir
 from visurf_ray.train.sinks import MetricSinks, RunIdentity
-from visurf_ray.train.step import train_step
+from visurf_ray.train.trainer import Trainer
 
 TRAINER_STATE = "trainer_state.json"
 EVAL_ITEMS = "eval_items.jsonl"
@@ -194,25 +191,9 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
     rank, world = session.rank, session.world_size
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
-    policy = resolve_policy(cfg.model)
+    trainer = Trainer.from_config(cfg, world_size=world)
     dataset = train_dataset(cfg)
     evals = eval_sets(cfg)
-    local_batch = cfg.data.prompts_per_step // world
-    paradigm = get_paradigm(cfg.objective.paradigm)
-    members_per_prompt = cfg.objective.num_rollouts + 1
-    stage_starts = paradigm.stage_starts(cfg.steps, cfg.objective)
-    engine = build_engine(
-        policy.model,
-        cfg.optim,
-        cfg.deepspeed,
-        total_steps=cfg.steps,
-        micro_batch=max(1, local_batch * members_per_prompt // cfg.optim.micro_batches),
-        stage_starts=stage_starts,
-    )
-    policy.model = engine.module
-    backend = make_backend(cfg.rollout, policy)
-    reference = load_reference(cfg) if cfg.objective.kl_coef > 0 else None
-    sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
 
     run_dir = Path(cfg.output_dir).resolve() / cfg.name
 
@@ -223,7 +204,7 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
         began = time.perf_counter()
 
         def compute() -> Evaluation:
-            return evaluate(policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world)
+            return evaluate(trainer.policy, evals, cfg.rollout.eval_max_new_tokens, rank=rank, world_size=world)
 
         if step == 0 and world == 1:
             key = evaluation_key(model_dir(cfg.model), evals, cfg.rollout.eval_max_new_tokens, cfg.model.dtype)
@@ -244,8 +225,8 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
     carried = {"generated_tokens_total": 0.0, "train_time_total": 0.0, "eval_time_total": 0.0}
     resume_from = session.latest_checkpoint()
     if resume_from is not None:
-        start, carried = load_checkpoint(resume_from, engine, rank)
-        backend.sync_weights(engine.module)
+        start, carried = load_checkpoint(resume_from, trainer.engine, rank)
+        trainer.backend.sync_weights(trainer.module)
         if rank == 0:  # rows written after the checkpoint (an interrupted run's) are written again from `start`
             keep_rows_until(run_dir / EVAL_ITEMS, start)
             keep_rows_until(run_dir / METRICS_ROWS, start)
@@ -256,23 +237,8 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
     sinks = MetricSinks(cfg, run_dir, session.run_identity(run_dir)) if rank == 0 else None
     try:
         for step in range(start, cfg.steps):
-            if step in stage_starts[1:]:
-                engine.reset_optimizer_state()
             samples = batch_for_step(dataset, step, cfg.data.prompts_per_step, rank, world, cfg.seed)
-            stage = paradigm.for_step(step, cfg.steps, cfg.objective)
-            metrics = train_step(
-                policy=policy,
-                engine=engine,
-                backend=backend,
-                paradigm=stage,
-                objective=cfg.objective,
-                samples=samples,
-                sampling=sampling,
-                seed=step_seed(cfg.seed, step, rank),
-                micro_batches=cfg.optim.micro_batches,
-                reference=reference,
-            )
-            backend.sync_weights(engine.module)
+            metrics = trainer.step(step, samples, step_seed(cfg.seed, step, rank))
             metrics = _average_across_ranks(metrics, world)
             done = step + 1
             metrics["step"] = float(done)
@@ -285,8 +251,8 @@ def run_training(cfg: ExperimentConfig, session: Session, *, scratch_dir=None) -
             checkpoint_dir = None
             if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 checkpoint_dir = Path(scratch_dir() if scratch_dir else tempfile.mkdtemp(prefix="visurf-ckpt-"))
-                save_checkpoint(checkpoint_dir, engine, done, carried, rank, cfg)
-            if rank == 0:
+                save_checkpoint(checkpoint_dir, trainer.engine, done, carried, rank, cfg)
+            if sinks is not None:  # rank 0
                 sinks.log(metrics, done)
                 if "stdout" in cfg.log_to:
                     _progress(done, cfg.steps, metrics, started)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from visurf_ray.config import TINY_BASE_MODEL, ExperimentConfig, ModelConfig
+from visurf_ray.models.inputs import VisionLanguageModel
 from visurf_ray.models.policy import Policy, load_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +32,7 @@ def resolve_policy(model: ModelConfig) -> Policy:
     return policy
 
 
-def load_reference(cfg: ExperimentConfig) -> torch.nn.Module:
+def load_reference(cfg: ExperimentConfig) -> VisionLanguageModel:
     """The frozen reference policy of the KL term: the run's starting checkpoint, in eval mode, without gradients."""
     reference = resolve_policy(cfg.model).model.eval()
     reference.requires_grad_(False)

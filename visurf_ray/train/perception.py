@@ -41,9 +41,8 @@ from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
 from visurf_ray.models.inputs import encode_prompts, image_features, prompt_states
 from visurf_ray.models.policy import Policy
-from visurf_ray.rewards.count import predicted_answer
+from visurf_ray.rewards import count, grounding
 from visurf_ray.rewards.geometry import box_iou
-from visurf_ray.rewards.grounding import parse_prediction
 
 PROBE_THRESHOLD = 0.8
 """Held-out probe accuracy at which a concept counts as visible to the base model (chance: 0.5)."""
@@ -128,7 +127,7 @@ def count_answer_accuracy(policy: Policy, samples: list[Sample], absent: np.ndar
     from visurf_ray.train.evaluate import greedy_answers
 
     answers = greedy_answers(policy, [count_question(s) for s in samples], max_new_tokens)
-    says_none = np.array([predicted_answer(a) == 0 for a in answers])
+    says_none = np.array([count.parse_prediction(a) == 0 for a in answers])
     return float(np.mean([np.mean(says_none[absent == 1]), np.mean(~says_none[absent == 0])]))
 
 
@@ -139,7 +138,7 @@ def binding_share(samples: list[Sample], answers: list[str]) -> float:
     for sample, answer in zip(samples, answers, strict=True):
         if sample.meta.get("objects") != 2 or "scene" not in sample.meta:
             raise ValueError(f"query binding needs two-object grounding items; {sample.id} is not one")
-        prediction = parse_prediction(answer)
+        prediction = grounding.parse_prediction(answer)
         box = prediction[0][0] if prediction else None
         if box is None:
             continue

@@ -47,11 +47,13 @@ from visurf_ray.models import (
     generate,
 )
 from visurf_ray.objectives import sft_loss
-from visurf_ray.rewards import get_verifier, score
-from visurf_ray.rewards.metrics import mask_overlap
+from visurf_ray.rewards import get_task, score
+from visurf_ray.rewards.grounding import mask_overlap
+from visurf_ray.train import schedules
 from visurf_ray.train.evaluate import evaluate, greedy_answers
+from visurf_ray.train.step import length_groups
 
-RECIPE_VERSION = 5  # 5: textures on the background colour with a 10-px period; count asks for colour × shape
+RECIPE_VERSION = 5
 """Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
 
 REPORT_FILE = "pretrain_report.json"
@@ -63,35 +65,6 @@ EVAL_SPLITS = {
 }
 """Evaluation set name (scores `eval/<name>/<metric>`) -> benchmark split."""
 ROLLOUT_SPLIT = "posttrain/grounding"
-
-LRSchedule = Callable[[float], float]
-LR_SCHEDULES: dict[str, LRSchedule] = {}
-
-
-def register_lr_schedule(name: str):
-    """Register `progress -> factor`: the learning-rate factor at a fraction `progress` in [0, 1] of the steps after
-    warmup (1.0 at progress 0)."""
-
-    def wrap(schedule: LRSchedule) -> LRSchedule:
-        LR_SCHEDULES[name] = schedule
-        return schedule
-
-    return wrap
-
-
-@register_lr_schedule("constant")
-def constant_schedule(progress: float) -> float:
-    return 1.0
-
-
-@register_lr_schedule("linear")
-def linear_schedule(progress: float) -> float:
-    return 1.0 - progress
-
-
-@register_lr_schedule("cosine")
-def cosine_schedule(progress: float) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
@@ -126,7 +99,7 @@ class PretrainConfig:
     """The recipe of the tiny base model; equal configs give equal models (CPU, same thread count).
 
     Optimisation: `steps` AdamW updates of `batch_size` items each at peak learning rate `lr`, reached by linear
-    warmup over `warmup_steps` and decayed by `schedule` (a name in LR_SCHEDULES) towards `final_lr_ratio * lr`;
+    warmup over `warmup_steps` and decayed by `schedule` (a name in `schedules.LR_SCHEDULES`) to `final_lr_ratio * lr`;
     gradients clipped to norm `grad_clip`. Curriculum: the stages of `curriculum` in order, each drawing only the
     items of its kinds (of the benchmark's "pretrain" mix) that show at most its `max_objects`; the steps after the
     last stage draw the whole mix. Each step's batch is split into at most
@@ -183,8 +156,10 @@ class PretrainConfig:
             )
         if not 0 <= self.final_lr_ratio <= 1:
             raise ValueError(f"PretrainConfig.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
-        if self.schedule not in LR_SCHEDULES:
-            raise ValueError(f"PretrainConfig.schedule must be one of {sorted(LR_SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule not in schedules.LR_SCHEDULES:
+            raise ValueError(
+                f"PretrainConfig.schedule must be one of {sorted(schedules.LR_SCHEDULES)}, got {self.schedule!r}"
+            )
         if not isinstance(self.spec, TinyVLMSpec):
             raise ValueError(f"PretrainConfig.spec must be a TinyVLMSpec, got {type(self.spec).__name__}")
         object.__setattr__(self, "curriculum", tuple(self.curriculum))
@@ -198,12 +173,16 @@ class PretrainConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of update `step` (0-based): linear warmup to `lr`, then `schedule` down to the final ratio."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(self.steps - self.warmup_steps - 1, 1)
-        factor = LR_SCHEDULES[self.schedule](min(progress, 1.0))
-        return self.lr * (self.final_lr_ratio + (1.0 - self.final_lr_ratio) * factor)
+        """Learning rate of update `step` (0-based): linear warmup to `lr`, then `schedule` down to the final ratio
+        at the last step (`visurf_ray.train.schedules.lr_at`)."""
+        return schedules.lr_at(
+            step,
+            peak=self.lr,
+            warmup=self.warmup_steps,
+            decay_end=self.steps - 1,
+            shape=self.schedule,
+            final_ratio=self.final_lr_ratio,
+        )
 
 
 def training_batches(cfg: PretrainConfig) -> Iterator[list[Sample]]:
@@ -224,32 +203,6 @@ def target_ids(policy: Policy, sample: Sample) -> list[int]:
     return tokenizer(target_text(sample), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
-    """Split items into at most `groups` micro-batches of similar length, minimising padded tokens.
-
-    lengths: N completion lengths in tokens. Returns lists of item indices (each sorted by length, shortest group
-    first); the padded cost of a group is its size times its longest length.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sorted_lengths = [lengths[i] for i in order]
-    n = len(order)
-    # best[k][j]: least padded tokens covering the j shortest items with k groups; cut[k][j]: start of the last group
-    best = [[0.0] + [math.inf] * n for _ in range(groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(groups + 1)]
-    for k in range(1, groups + 1):
-        for j in range(1, n + 1):
-            for i in range(j):
-                cost = best[k - 1][i] + (j - i) * sorted_lengths[j - 1]
-                if cost < best[k][j]:
-                    best[k][j], cut[k][j] = cost, i
-    k = min(range(1, groups + 1), key=lambda g: best[g][n])
-    bounds, j = [], n
-    while j > 0:
-        bounds.append((cut[k][j], j))
-        j, k = cut[k][j], k - 1
-    return [order[start:end] for start, end in reversed(bounds)]
-
-
 def sft_update(
     policy: Policy, optimizer: torch.optim.Optimizer, batch: list[Sample], *, groups: int, grad_clip: float
 ) -> float:
@@ -262,7 +215,7 @@ def sft_update(
     total_tokens = sum(len(target) for target in ids)
     optimizer.zero_grad(set_to_none=True)
     loss_value = 0.0
-    for group in length_groups([len(target) for target in ids], groups):
+    for group in length_groups([len(target) for target in ids], max_groups=groups, min_saving=0.0):
         prompts = encode_prompts(policy, [batch[i].image for i in group], [batch[i].problem for i in group])
         sequences = encode_sequences(policy, prompts, [ids[i] for i in group], list(range(len(group))))
         logp, mask = completion_logprobs(policy.model, sequences.to(policy.device))
@@ -321,12 +274,12 @@ def rollout_group_outcomes(
     samples: prompts of one task; success is its verifier's `is_success`. Returns {"all_fail", "all_success",
     "mixed"} (fractions of prompts, summing to 1).
     """
-    verifier = get_verifier(samples[0].task)
+    verifier = get_task(samples[0].task)
     prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
     rollouts = generate(
         policy, prompts, num_return_sequences=group_size, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed
     )
-    successes = [[] for _ in samples]
+    successes: list[list[bool]] = [[] for _ in samples]
     for text, row in zip(rollouts.texts, rollouts.prompt_index):
         sample = samples[row]
         components = score(sample.task, text, sample.solution, image_size=(sample.img_width, sample.img_height))

@@ -1,4 +1,5 @@
-"""Choose the rollout backend named in the config. The vLLM backend is imported only when asked for (GPU extra)."""
+"""Choose the rollout backend named in the config. The vLLM backend is imported only when asked for (vLLM installed:
+the `gpu` extra on CUDA machines, .venv-vllm on CPU)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ def make_backend(rollout: RolloutConfig, policy: Policy) -> RolloutBackend:
         return HFRolloutBackend(policy)
     from visurf_ray.rollout.vllm import VLLMRolloutBackend
 
+    folder = policy.model.config.name_or_path  # the folder load_policy read
+    if not folder:
+        raise ValueError("rollout.backend=vllm needs a policy loaded from a checkpoint folder (load_policy)")
     return VLLMRolloutBackend(
         policy,
-        model_path=policy.model.config.name_or_path,  # the folder load_policy read
-        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        model_path=folder,
+        kv_cache_bytes=rollout.vllm_kv_cache_bytes,
         max_model_len=rollout.vllm_max_model_len or None,
+        engine_old_logp=rollout.old_logp == "engine",
     )

@@ -16,8 +16,20 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, cast, get_args
 
 from visurf_ray.config import ExperimentConfig
+
+WandbMode = Literal["online", "offline", "disabled", "shared"]
+
+
+def wandb_mode() -> WandbMode:
+    """The wandb mode of WANDB_MODE (offline when unset); ValueError naming the variable for an unknown one."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if mode not in get_args(WandbMode):
+        raise ValueError(f"WANDB_MODE={mode!r} is not one of {get_args(WandbMode)}")
+    return cast(WandbMode, mode)
+
 
 DEFAULT_PROJECT = "visurf_ray"
 _OPEN: weakref.WeakSet[MetricSinks] = weakref.WeakSet()
@@ -64,7 +76,7 @@ class MetricSinks:
                 resume="allow",
                 dir=str(run_dir),
                 config=cfg.to_dict(),
-                mode=os.environ.get("WANDB_MODE", "offline"),
+                mode=wandb_mode(),
                 settings=wandb.Settings(console="off", x_disable_stats=True),
             )
         _OPEN.add(self)
