@@ -273,7 +273,8 @@ class Paradigm(ABC):
         ref_logp: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss over the batch's N members in member order. logp, old_logp, ref_logp: [N, T] log-probs (nats) of the
-        members' completion tokens; mask: [N, T] bool; advantages: [N]; is_label: [N] bool. ref_logp is required
+        members' completion tokens; mask: [N, T] bool; advantages: [N]; is_label: [N] bool (pass it on the CPU: its
+        layout is checked there, without a device sync, then it moves to logp's device). ref_logp is required
         when cfg.kl_coef > 0; when given, its KL over the rollouts' tokens (never the label's) is reported as `kl`
         and added with weight cfg.kl_coef.
         Returns (loss scalar, metrics with at least `loss`)."""
@@ -323,7 +324,9 @@ class Paradigm(ABC):
             )
             raise ValueError(f"label_rewards must be a floating-point [B] tensor, got {got!r}")
 
-    def _check_members(self, is_label: Tensor, num_members: int, cfg: ObjectiveConfig) -> None:
+    def _check_members(self, is_label: Tensor, num_members: int, cfg: ObjectiveConfig, device: torch.device) -> Tensor:
+        """`is_label` checked against this paradigm's member order where it lies (on the CPU: no device sync), then
+        on `device`."""
         if not isinstance(is_label, Tensor) or is_label.dtype != torch.bool or is_label.shape != (num_members,):
             got = (
                 f"{is_label.dtype} {tuple(is_label.shape)}" if isinstance(is_label, Tensor) else type(is_label).__name__
@@ -337,6 +340,7 @@ class Paradigm(ABC):
                 f"is_label must follow {self.name}'s member order ({per_prompt} members per prompt: "
                 f"{rollouts} rollouts then {int(self.needs_label)} label)"
             )
+        return is_label.to(device)
 
     @staticmethod
     def _finish(
@@ -395,7 +399,7 @@ class SFT(Paradigm):
             if not isinstance(tensor, Tensor) or tensor.shape != shape:
                 got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
                 raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
-        self._check_members(is_label, logp.shape[0], cfg)
+        is_label = self._check_members(is_label, logp.shape[0], cfg, logp.device)
         return self._finish(loss, {"sft_loss": loss.item()}, logp, mask, is_label, cfg, ref_logp)
 
 
@@ -422,7 +426,7 @@ class RLVR(Paradigm):
         loss, metrics = policy_loss(
             logp, old_logp, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg
         )
-        self._check_members(is_label, logp.shape[0], cfg)
+        is_label = self._check_members(is_label, logp.shape[0], cfg, logp.device)
         return self._finish(loss, {"pg_loss": loss.item(), **metrics}, logp, mask, is_label, cfg, ref_logp)
 
 
@@ -545,7 +549,7 @@ class LUFFY(Paradigm):
         clipped_values, clipped = clipped_surrogate(
             logp, old_logp, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
         )
-        self._check_members(is_label, logp.shape[0], cfg)
+        is_label = self._check_members(is_label, logp.shape[0], cfg, logp.device)
         label_tokens = is_label.unsqueeze(1)
         member_advantages = advantages.to(logp.dtype)
         if member_advantages.ndim == 1:
@@ -638,7 +642,7 @@ class CHORD(Paradigm):
             )
         if not isinstance(logp, Tensor) or logp.ndim != 2:
             raise ValueError(f"logp must be a floating-point [N, T] tensor, got {type(logp).__name__}")
-        self._check_members(is_label, logp.shape[0], cfg)
+        is_label = self._check_members(is_label, logp.shape[0], cfg, logp.device)
         rollouts = ~is_label
         pg_loss, metrics = policy_loss(
             logp[rollouts],

@@ -298,7 +298,7 @@ class Trainer:
                 old,
                 mask,
                 batch.advantages[chunk].to(device),
-                batch.is_label[chunk].to(device),
+                batch.is_label[chunk],  # on the CPU: the loss checks its layout there, without a device sync
                 self.objective,
                 ref_logp=ref_logp,
             )
