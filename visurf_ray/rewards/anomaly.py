@@ -28,12 +28,12 @@ and "accuracy_defect": a constant answer scores 0.5 whatever the defect share) a
 predicted defect presence matches; a missing answer counts wrong). Slices: "clean" and "defect".
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from visurf_ray.rewards.answer import extract_answer, parse_json_answer, require_str
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
 from visurf_ray.rewards.geometry import IOU_THRESHOLD, Box, Point, as_box, box_iou, validate_image_size
-from visurf_ray.rewards.item_metrics import ItemMetric
+from visurf_ray.rewards.item_metrics import ItemMetric, no_dataset_metrics
 
 NAME = "anomaly"
 ANSWER_FORMAT = '{"defect": true, "bbox_2d": [...]} or {"defect": false}'
@@ -120,8 +120,4 @@ def item_values(
     return {"correct": float(parse_prediction(completion)[0] == parse_solution(solution)[0])}
 
 
-def dataset_metrics(
-    completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
-) -> dict[str, float]:
-    """None: every metric of the task is an item mean."""
-    return {}
+dataset_metrics = no_dataset_metrics

@@ -28,13 +28,13 @@ Evaluation (`item_values`, METRICS; headline "accuracy"): the fraction exactly r
 """
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from decimal import Decimal
 
 from visurf_ray.rewards.answer import ANSWER_CLOSE, ANSWER_OPEN, extract_answer, require_str
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
 from visurf_ray.rewards.geometry import Box, Point, validate_image_size
-from visurf_ray.rewards.item_metrics import SLICE_ALL, ItemMetric
+from visurf_ray.rewards.item_metrics import SLICE_ALL, ItemMetric, no_dataset_metrics
 
 NAME = "count"
 ANSWER_FORMAT = "\\boxed{n}"
@@ -127,8 +127,4 @@ def item_values(
     return {"correct": components["accuracy"]}
 
 
-def dataset_metrics(
-    completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
-) -> dict[str, float]:
-    """None: every metric of the task is an item mean."""
-    return {}
+dataset_metrics = no_dataset_metrics

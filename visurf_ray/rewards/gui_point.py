@@ -25,12 +25,12 @@ Evaluation (`item_values`, METRICS; headline "point_accuracy"): the fraction of 
 box. One slice, "all".
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from visurf_ray.rewards.answer import extract_answer, parse_json_answer, require_str
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
 from visurf_ray.rewards.geometry import Box, Point, as_box, as_point, point_in_box, validate_image_size
-from visurf_ray.rewards.item_metrics import SLICE_ALL, ItemMetric
+from visurf_ray.rewards.item_metrics import SLICE_ALL, ItemMetric, no_dataset_metrics
 
 NAME = "gui_point"
 ANSWER_FORMAT = '[{"bbox_2d": [...], "point_2d": [...]}]'
@@ -106,8 +106,4 @@ def item_values(
     return {"hit": components["accuracy"]}
 
 
-def dataset_metrics(
-    completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
-) -> dict[str, float]:
-    """None: every metric of the task is an item mean."""
-    return {}
+dataset_metrics = no_dataset_metrics

@@ -13,6 +13,13 @@ SLICE_ALL = "all"
 """The slice of an item of a task without slices (gui_point, count)."""
 
 
+def no_dataset_metrics(
+    completions: Sequence[str], solutions: Sequence[str], image_sizes: Sequence[tuple[int, int]]
+) -> dict[str, float]:
+    """The `dataset_metrics` of a task whose every metric is an item mean: none."""
+    return {}
+
+
 @dataclass(frozen=True)
 class ItemMetric:
     """A metric that is a mean of per-item values, so that it can be bootstrapped over items.
