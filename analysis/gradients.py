@@ -10,7 +10,6 @@ and pandas; never Ray.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm
 from visurf_ray.train.engine import load_saved_weights
 from visurf_ray.train.loop import TRAINER_STATE
 from visurf_ray.train.step import label_token_ids, score_groups
+from visurf_ray.validation import check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,9 @@ class GradientCheckConfig:
     eliminate_label_thinking: bool = True
 
     def __post_init__(self) -> None:
-        for name, least in (("max_new_tokens", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        if isinstance(self.temperature, bool) or not (
-            isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature > 0
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        check_int("max_new_tokens", self.max_new_tokens, low=1)
+        check_int("seed", self.seed, low=0)
+        check_number("temperature", self.temperature, low=0, low_open=True)
         self.objective()  # validates num_rollouts, eps and the flags
 
     def objective(self) -> ObjectiveConfig:

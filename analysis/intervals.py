@@ -34,6 +34,7 @@ from analysis.results import variant_order
 from visurf_ray.rewards import get_task
 from visurf_ray.rewards.item_metrics import ItemMetric
 from visurf_ray.rewards.metrics import reported_metrics
+from visurf_ray.validation import check_int, require
 
 LEVEL = 0.95
 """Coverage of the percentile intervals."""
@@ -132,16 +133,6 @@ class _Trial:
     trial_id: object  # as in the items (usually str)
     seed: int
     final_step: int
-
-
-def _check_items(items: pd.DataFrame, n_boot: int, seed: int) -> None:
-    missing = [key for key in ITEM_KEYS if key not in items.columns]
-    if missing:
-        raise ValueError(f"items table lacks columns {missing}")
-    if items.empty:
-        raise ValueError("items table is empty")
-    if n_boot < 1 or seed < 0:
-        raise ValueError(f"n_boot must be >= 1 and seed >= 0, got n_boot={n_boot}, seed={seed}")
 
 
 def _trials(items: pd.DataFrame) -> dict[str, list[_Trial]]:
@@ -250,7 +241,11 @@ def bootstrap(items: pd.DataFrame, columns: Sequence[str], *, n_boot: int = 2000
     items: the per-item table (ITEM_KEYS plus value columns); n_boot: draws; seed: >= 0. ValueError naming the column
     or variant for an unknown column, a missing step 0 (for *_change), a variant without rows for an eval set the
     column needs, or two trials of one variant with one seed."""
-    _check_items(items, n_boot, seed)
+    missing = [key for key in ITEM_KEYS if key not in items.columns]
+    require(not missing, "items table", f"lacks columns {missing}")
+    require(not items.empty, "items table", "is empty")
+    check_int("n_boot", n_boot, low=1)
+    check_int("seed", seed, low=0)
     sets = {str(name): _EvalSet(str(name), rows) for name, rows in items.groupby("eval_set", sort=True)}
     parsed = [_parse(column, sets, items) for column in dict.fromkeys(columns)]
     trials = _trials(items)

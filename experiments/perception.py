@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY_BASE_MODEL, help="checkpoint folder, or tiny-base")
     parser.add_argument("--per-class", type=int, default=300, help="items per class of each concept")
+    parser.add_argument("--per-look", type=int, default=100, help="items per class and look of the per-look probe")
     parser.add_argument("--seed", type=int, default=0, help="seed of the items and the cross-validation folds")
     args = parser.parse_args(argv)
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from visurf_ray.train.perception import DECIDING, PROBE_THRESHOLD, perception_checks
 
     policy = resolve_policy(ModelConfig(path=args.model))
-    results = perception_checks(policy, per_class=args.per_class, seed=args.seed)
+    results = perception_checks(policy, per_class=args.per_class, per_look=args.per_look, seed=args.seed)
     for name, accuracy in results.items():
         print(f"{name:<24} {accuracy:.3f}")
     for concept, check in DECIDING.items():

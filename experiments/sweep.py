@@ -7,8 +7,9 @@
 Joins a running Ray cluster when there is one (RAY_ADDRESS or `ray start`), else starts a local one on 127.0.0.1.
 Ctrl-C or SIGTERM stops the trials (their loggers closed), saves the sweep's state and exits with 128 + the signal;
 re-running the same command resumes the sweep (finished trials are kept); `--fresh` starts over.
-Writes Tune's experiment folder under runs/sweeps/<name>/ (`storage_dir`; per trial `train/`: evaluation rows,
-TensorBoard, wandb) and results/<name>/: results, history and items {csv,parquet}, summary.md, curves.png, tasks.png.
+Writes Tune's experiment folder under runs/sweeps/<name>/ (`storage_dir`, a folder or a URI such as s3://bucket/prefix;
+per trial `train/`: evaluation rows, TensorBoard, wandb) and results/<name>/: results, history and items
+{csv,parquet}, summary.md, curves.png, tasks.png.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import shutil
 import signal
 import sys
 import threading
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from visurf_ray.config import ConfigError
 from visurf_ray.interrupts import Interrupts
-from visurf_ray.sweep import RUN_NAME, load_sweep
+from visurf_ray.sweep import RUN_NAME, load_sweep, storage_join, storage_location
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEP = Path(__file__).parent / "configs" / "sweep_tiny.yaml"
@@ -66,9 +66,15 @@ class MemoryWatch:
 
 
 def connect_ray() -> str:
-    """Join a running cluster if there is one, else start a local one bound to loopback; returns which."""
+    """Join a running cluster if there is one, else start a local one bound to loopback; returns which.
+    RAY_ADDRESS=local starts a local one even beside a running cluster (tests: never join another job's cluster)."""
+    import os
+
     import ray
 
+    if os.environ.get("RAY_ADDRESS") == "local":
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        return "started a local Ray cluster on 127.0.0.1"
     try:
         ray.init(address="auto", log_to_driver=False)
         return "joined the running Ray cluster"
@@ -77,16 +83,28 @@ def connect_ray() -> str:
         return "started a local Ray cluster on 127.0.0.1"
 
 
+def _trial_rows(result, name: str, *, uri: bool) -> list[str]:
+    """The lines of file `name` in a trial's run folder, read from storage: the trial's folder on a filesystem path,
+    or (`uri`) through the result's pyarrow filesystem (S3, ...)."""
+    if not uri:
+        with open(Path(result.path) / RUN_NAME / name) as rows:
+            return rows.readlines()
+    with result.filesystem.open_input_stream(f"{result.path.rstrip('/')}/{RUN_NAME}/{name}") as stream:
+        return stream.read().decode().splitlines(keepends=True)
+
+
 def collect(sweep, result_grid) -> dict:
     """Tidy results, history and per-item evaluation tables from Tune's ResultGrid (items from each trial's
-    `train/eval_items.jsonl`, which `visurf_ray.sweep.run_trial`'s loop writes)."""
+    `train/eval_items.jsonl`, which `visurf_ray.sweep.run_trial`'s loop writes, read from storage)."""
     import json
 
     import pandas as pd
 
     from analysis.results import tidy_history, tidy_items, tidy_trial
+    from visurf_ray.sweep import is_uri
     from visurf_ray.train.loop import EVAL_ITEMS
 
+    uri = is_uri(sweep.storage_dir)
     results, histories, items = [], [], []
     for result in result_grid:
         if result.error is not None or result.metrics is None or not result.config:
@@ -97,8 +115,8 @@ def collect(sweep, result_grid) -> dict:
         variant, paradigm = params["variant"], config["objective"]["paradigm"]
         results.append(tidy_trial(trial_id, variant, config, result.metrics))
         histories.append(tidy_history(trial_id, variant, params["seed"], result.metrics_dataframe))
-        with open(Path(result.path) / RUN_NAME / EVAL_ITEMS) as rows:
-            items.append(tidy_items(trial_id, variant, paradigm, params["seed"], map(json.loads, rows)))
+        rows = _trial_rows(result, EVAL_ITEMS, uri=uri)
+        items.append(tidy_items(trial_id, variant, paradigm, params["seed"], map(json.loads, rows)))
     if not results:
         raise RuntimeError("no trial reported any result; see the trial logs under the Tune experiment folder")
     return {
@@ -122,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
             return run_sweep(sweep, fresh=args.fresh, interrupts=interrupts)
         except KeyboardInterrupt:
             interrupts.received = interrupts.received or signal.SIGINT
-        storage = (ROOT / sweep.storage_dir / sweep.name).resolve()
+        storage = storage_join(storage_location(sweep, ROOT), sweep.name)
         print(
             f"{interrupts.name}: sweep stopped; its state is saved in {storage} and the same command resumes it",
             file=sys.stderr,
@@ -139,7 +157,7 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
     from analysis.report import sweep_report
     from analysis.results import plot_curves, plot_task_bars, write_tables
     from visurf_ray.config import TINY_BASE_MODEL, load_config
-    from visurf_ray.sweep import StopFlag, build_tuner, check_shared_storage
+    from visurf_ray.sweep import StopFlag, build_tuner, check_shared_storage, check_storage_uri, delete_storage, is_uri
 
     started, memory = time.perf_counter(), MemoryWatch()
     base = load_config(sweep.experiment, [f"{k}={v}" for k, v in sweep.overrides.items()])
@@ -147,11 +165,14 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
         from visurf_ray.train.pretrain import ensure_base_model
 
         print(f"tiny base model: {ensure_base_model()}", flush=True)
-    storage = (ROOT / sweep.storage_dir).resolve()
-    if fresh and (storage / sweep.name).exists():
-        shutil.rmtree(storage / sweep.name)
+    storage = storage_location(sweep, ROOT)
+    if is_uri(storage):  # a bucket is shared by every node: check that it is there and writable
+        check_storage_uri(storage)
+    if fresh:
+        delete_storage(storage_join(storage, sweep.name))
     print(connect_ray(), flush=True)
-    check_shared_storage(storage)
+    if not is_uri(storage):
+        check_shared_storage(Path(storage))
     tuner = build_tuner(sweep, storage, restore=not fresh)
     with interrupts.tuning(on_stop=functools.partial(StopFlag.raise_for, sweep.name)):
         result_grid = tuner.fit()
@@ -173,10 +194,8 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
         f"{len(results['trial_id'].unique())} trials, {len(errors)} failed; wall {wall / 60:.1f} min, "
         f"peak memory {peak / 2**30:.2f} GiB (PSS of the sweep's processes)"
     )
-    print(
-        f"results: {out_dir}\nTune experiment (TensorBoard: tensorboard --logdir {storage / sweep.name}): "
-        f"{storage / sweep.name}"
-    )
+    experiment = storage_join(storage, sweep.name)
+    print(f"results: {out_dir}\nTune experiment (TensorBoard: tensorboard --logdir {experiment}): {experiment}")
     if errors:
         raise SystemExit(f"{len(errors)} trial(s) failed: {[str(r.error)[:200] for r in errors]}")
     return out_dir

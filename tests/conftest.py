@@ -1,6 +1,6 @@
 """Shared fixtures: the small tiny-VLM spec and its checkpoint folder built once per test session (seconds), configs,
 runs and sweep arguments of seconds-long training on it, and the environment the project's commands set (offline
-wandb, local-only Ray, a stable DeepSpeed extension cache)."""
+wandb, Ray clusters of the tests' own, a stable DeepSpeed extension cache)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# every Ray cluster a test starts is its own: Ray's "auto" address joins any cluster running on the machine (another
+# job's sweep), whose CPUs the test would then wait for (`experiments/sweep.py connect_ray`, `launcher.init_ray`)
+os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")

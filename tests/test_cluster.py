@@ -50,7 +50,7 @@ def test_job_upload_holds_the_project_only(tmp_path, include_gitignore):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("storage_dir=s3://bucket/sweeps", r"storage_dir='s3://bucket/sweeps' is not supported"),
+        ("storage_dir=ftp://bucket/sweeps", r"storage_dir='ftp://bucket/sweeps' is not supported: a URI's scheme"),
         ("tune.gpus_per_trial=1", r"tune\.gpus_per_trial=1.0 is invalid with ray\.num_workers=8"),
         ("experiment.ray.num_workers=0", r"tune\.gpus_per_trial=0 is invalid with ray\.use_gpu=true"),
     ],
@@ -93,7 +93,7 @@ class LocalCluster:
         self.gcs_port, self.dashboard_port = head_ports[:2]
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {
-            **os.environ,
+            **{name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"},  # conftest's "local"
             "PATH": f"{RAY.parent}{os.pathsep}{os.environ['PATH']}",
             "RAY_JOB_STOP_WAIT_TIME_S": "60",  # `ray job stop`: time for the sweep to save its state after SIGTERM
         }

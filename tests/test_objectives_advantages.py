@@ -149,7 +149,7 @@ def test_smoothing_on_equal_rollouts_gives_all_zero_advantages():
         (torch.zeros(2, 1, dtype=F64), "rewards must have at least 2 members"),
         (torch.zeros(0, 3, dtype=F64), "rewards must hold at least one group"),
         (torch.tensor([[0.0, float("nan")]], dtype=F64), "rewards must be finite"),
-        ([[0.0, 1.0]], "rewards must be a torch.Tensor"),
+        ([[0.0, 1.0]], "rewards must be a floating-point tensor, got list"),
     ],
 )
 def test_group_advantages_reject_bad_rewards(rewards, match):

@@ -207,7 +207,7 @@ def _valid():
 @pytest.mark.parametrize(
     ("field", "bad", "match"),
     [
-        ("logp", torch.zeros(4, dtype=F64), "logp must be a floating-point"),
+        ("logp", torch.zeros(4, dtype=F64), r"logp must have 2 dimension\(s\) \[N, T\], got shape \(4,\)"),
         ("logp", torch.zeros(4, 6, dtype=torch.int64), "logp must be a floating-point"),
         ("old_logp", torch.zeros(4, 5, dtype=F64), "old_logp must be"),
         ("old_logp", torch.zeros(4, 6, dtype=torch.float32), "old_logp must be a torch.float64"),

@@ -76,8 +76,14 @@ def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
     features = probe_features(policy, samples)
     hidden = policy.model.config.text_config.hidden_size
     assert features["prompt"].shape == (6, hidden) and features["image"].shape[0] == 6
-    results = perception_checks(policy, per_class=10, max_new_tokens=4)
-    probes = {"no_object_prompt", "no_object_count_answer", "anomaly_image", "anomaly_prompt"}
+    results = perception_checks(policy, per_class=10, per_look=5, max_new_tokens=4)
+    probes = {
+        "no_object_prompt",
+        "no_object_count_answer",
+        "no_object_image_per_look",
+        "anomaly_image",
+        "anomaly_prompt",
+    }
     assert set(results) == probes | {"query_binding"} and set(DECIDING.values()) <= probes
     assert all(0.0 <= results[name] <= 1.0 for name in probes)
     assert np.isnan(results["query_binding"])  # 4 tokens cannot hold a box: no answer finds an object

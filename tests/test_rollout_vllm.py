@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import random
 import subprocess
 import sys
@@ -276,10 +275,9 @@ def test_vllms_logprobs_as_old_logprobs_on_request(engine_setup):
     assert metrics["engine_logp_diff_max"] > 0  # vLLM's π_old differs from the trainer's: the ratio is not 1
 
 
-def run_command(args: list[str], timeout: int, **environment: str) -> None:
-    """Run `python args...` in the repository root with `environment` added; fail with the end of its stderr."""
-    env = {**os.environ, **environment}
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def run_command(args: list[str], timeout: int) -> None:
+    """Run `python args...` in the repository root; fail with the end of its stderr."""
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -316,9 +314,7 @@ def test_train_py_runs_with_the_vllm_backend(device, small_run_overrides, vllm_p
 def test_two_trial_sweep_with_the_vllm_backend(device, small_sweep_args, vllm_policy_dir, tmp_path):
     skip_unless_vllm_runs_on(device)
     trial = [f"experiment.{override}" for override in vllm_run_overrides(vllm_policy_dir)]
-    # RAY_ADDRESS=local: a Ray cluster of its own. The sweep joins a running cluster if there is one (ray.init's
-    # "auto" finds any GCS process on the machine), which another test run may stop under it.
-    run_command(["experiments/sweep.py", "--fresh", *small_sweep_args("vllm-sweep"), *trial], 1500, RAY_ADDRESS="local")
+    run_command(["experiments/sweep.py", "--fresh", *small_sweep_args("vllm-sweep"), *trial], 1500)
     import pandas as pd
 
     results = pd.read_parquet(tmp_path / "results" / "vllm-sweep" / "results.parquet")

@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from visurf_ray.objectives.paradigms import ObjectiveConfig
+from visurf_ray.validation import ValidationError, check_choice, check_int, check_number, require
 
 
-class ConfigError(ValueError):
+class ConfigError(ValidationError):
     """A configuration value is unknown, of the wrong type or out of range; the message names the dotted field."""
 
 
@@ -33,13 +34,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        _check(
-            self.dtype in ("auto", "float32", "bfloat16", "float16"),
-            "model.dtype",
-            self.dtype,
-            "auto, float32, bfloat16 or float16",
+        check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"), error=ConfigError)
+        require(
+            self.path, "model.path", f"must be a checkpoint folder or 'tiny-base', got {self.path!r}", error=ConfigError
         )
-        _check(bool(self.path), "model.path", self.path, "a checkpoint folder or 'tiny-base'")
 
 
 @dataclass(frozen=True)
@@ -53,9 +51,11 @@ class DataConfig:
     image_side: int = 0
 
     def __post_init__(self):
-        _check(self.prompts_per_step >= 1, "data.prompts_per_step", self.prompts_per_step, ">= 1")
-        _check(self.image_side >= 0, "data.image_side", self.image_side, ">= 0 (pixels; 0 keeps each image's size)")
-        _check(self.eval_size >= 1, "data.eval_size", self.eval_size, ">= 1")
+        check_int("data.prompts_per_step", self.prompts_per_step, low=1, error=ConfigError)
+        check_int(
+            "data.image_side", self.image_side, low=0, note="(pixels; 0 keeps each image's size)", error=ConfigError
+        )
+        check_int("data.eval_size", self.eval_size, low=1, error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,14 @@ class RolloutConfig:
     old_logp: str = "trainer"  # π_old: the trainer's log-probs (verl's, EasyR1's) | engine: vLLM's (hf: always trainer)
 
     def __post_init__(self):
-        _check(self.backend in ("hf", "vllm"), "rollout.backend", self.backend, "hf or vllm")
-        _check(self.temperature > 0, "rollout.temperature", self.temperature, "> 0")
-        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "in (0, 1]")
-        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, ">= 1")
-        _check(self.eval_max_new_tokens >= 1, "rollout.eval_max_new_tokens", self.eval_max_new_tokens, ">= 1")
-        _check(self.vllm_kv_cache_bytes > 0, "rollout.vllm_kv_cache_bytes", self.vllm_kv_cache_bytes, "> 0 (bytes)")
-        _check(self.vllm_max_model_len >= 0, "rollout.vllm_max_model_len", self.vllm_max_model_len, ">= 0")
-        _check(self.old_logp in ("trainer", "engine"), "rollout.old_logp", self.old_logp, "trainer or engine")
+        check_choice("rollout.backend", self.backend, ("hf", "vllm"), error=ConfigError)
+        check_number("rollout.temperature", self.temperature, low=0, low_open=True, error=ConfigError)
+        check_number("rollout.top_p", self.top_p, low=0, high=1, low_open=True, error=ConfigError)
+        check_int("rollout.max_new_tokens", self.max_new_tokens, low=1, error=ConfigError)
+        check_int("rollout.eval_max_new_tokens", self.eval_max_new_tokens, low=1, error=ConfigError)
+        check_int("rollout.vllm_kv_cache_bytes", self.vllm_kv_cache_bytes, low=1, note="(bytes)", error=ConfigError)
+        check_int("rollout.vllm_max_model_len", self.vllm_max_model_len, low=0, error=ConfigError)
+        check_choice("rollout.old_logp", self.old_logp, ("trainer", "engine"), error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,13 @@ class OptimConfig:
     micro_batches: int = 1  # forward/backward passes per optimizer step (prompt-aligned chunks of the members)
 
     def __post_init__(self):
-        _check(self.micro_batches >= 1, "optim.micro_batches", self.micro_batches, ">= 1")
-        _check(self.lr > 0, "optim.lr", self.lr, "> 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
-        _check(self.schedule in ("cosine", "constant"), "optim.schedule", self.schedule, "cosine or constant")
-        _check(self.max_grad_norm > 0, "optim.max_grad_norm", self.max_grad_norm, "> 0")
+        check_int("optim.micro_batches", self.micro_batches, low=1, error=ConfigError)
+        check_number("optim.lr", self.lr, low=0, low_open=True, error=ConfigError)
+        check_number("optim.weight_decay", self.weight_decay, low=0, error=ConfigError)
+        check_int("optim.warmup_steps", self.warmup_steps, low=0, error=ConfigError)
+        check_choice("optim.schedule", self.schedule, ("cosine", "constant"), error=ConfigError)
+        # finite=False: an infinite max_grad_norm (no clipping) stays accepted, as before
+        check_number("optim.max_grad_norm", self.max_grad_norm, low=0, low_open=True, finite=False, error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,8 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
 
     def __post_init__(self):
-        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", self.zero_stage, "0, 1, 2 or 3")
-        _check(self.bf16 in ("auto", "true", "false"), "deepspeed.bf16", self.bf16, "auto, true or false")
+        check_choice("deepspeed.zero_stage", self.zero_stage, (0, 1, 2, 3), error=ConfigError)
+        check_choice("deepspeed.bf16", self.bf16, ("auto", "true", "false"), error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,9 @@ class RayConfig:
     address: str = ""  # "" starts a local cluster on 127.0.0.1 (or joins RAY_ADDRESS); "auto" joins a running one
 
     def __post_init__(self):
-        _check(self.num_workers >= 0, "ray.num_workers", self.num_workers, ">= 0")
-        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", self.cpus_per_worker, "> 0")
-        _check(self.max_failures >= -1, "ray.max_failures", self.max_failures, ">= -1")
+        check_int("ray.num_workers", self.num_workers, low=0, error=ConfigError)
+        check_number("ray.cpus_per_worker", self.cpus_per_worker, low=0, low_open=True, error=ConfigError)
+        check_int("ray.max_failures", self.max_failures, low=-1, error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -143,33 +144,28 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
-        _check(self.steps >= 1, "steps", self.steps, ">= 1")
-        _check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
-        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
+        check_int("steps", self.steps, low=1, error=ConfigError)
+        check_int("eval_every", self.eval_every, low=0, error=ConfigError)
+        check_int("checkpoint_every", self.checkpoint_every, low=0, error=ConfigError)
         per_worker = self.data.prompts_per_step // max(1, self.ray.num_workers)
-        _check(
+        require(
             self.data.prompts_per_step % max(1, self.ray.num_workers) == 0,
             "data.prompts_per_step",
-            self.data.prompts_per_step,
-            f"divisible by ray.num_workers={self.ray.num_workers}",
+            f"must be divisible by ray.num_workers={self.ray.num_workers}, got {self.data.prompts_per_step}",
+            error=ConfigError,
         )
-        _check(
+        require(
             self.optim.micro_batches <= per_worker,
             "optim.micro_batches",
-            self.optim.micro_batches,
-            f"<= prompts per worker ({per_worker})",
+            f"must be <= prompts per worker ({per_worker}), got {self.optim.micro_batches}",
+            error=ConfigError,
         )
         for sink in self.log_to:
-            _check(sink in ("stdout", "tensorboard", "wandb"), "log_to", sink, "stdout, tensorboard or wandb")
+            check_choice("log_to", sink, ("stdout", "tensorboard", "wandb"), error=ConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) that `config_from_dict` turns back into the same config."""
         return _to_plain(dataclasses.asdict(self))
-
-
-def _check(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
 
 
 def _to_plain(value: Any) -> Any:
@@ -211,11 +207,11 @@ def _convert(value: Any, hint: Any, dotted: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{dotted}={value!r} is invalid: expected a list")
+            raise ConfigError(f"{dotted} must be a list, got {value!r}")
         args = typing.get_args(hint)
         item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(item_types) != len(value):
-            raise ConfigError(f"{dotted}={value!r} is invalid: expected {len(item_types)} items")
+            raise ConfigError(f"{dotted} must be a list of {len(item_types)} items, got {value!r}")
         return tuple(_convert(v, t, f"{dotted}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
     if origin in (typing.Union, types.UnionType):
         return value
@@ -224,10 +220,10 @@ def _convert(value: Any, hint: Any, dotted: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"{dotted}={value!r} is invalid: expected true or false")
+        raise ConfigError(f"{dotted} must be true or false, got {value!r}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{dotted}={value!r} is invalid: expected an integer")
+            raise ConfigError(f"{dotted} must be an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -236,11 +232,11 @@ def _convert(value: Any, hint: Any, dotted: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{dotted}={value!r} is invalid: expected a number")
+            raise ConfigError(f"{dotted} must be a number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{dotted}={value!r} is invalid: expected a string")
+            raise ConfigError(f"{dotted} must be a string, got {value!r}")
         return value
     return value
 

@@ -9,6 +9,7 @@ import json
 from collections.abc import Sequence
 
 from visurf_ray.rewards import get_task
+from visurf_ray.validation import ValidationError
 
 Coordinates = Sequence[int | float]
 
@@ -32,7 +33,7 @@ def model_style(task: str, solution: str) -> str:
     return json.dumps(json.loads(solution)) if definition.ANSWER_IS_JSON else solution
 
 
-class SolutionError(ValueError):
+class SolutionError(ValidationError):
     """A solution text that its task's verifier rejects, or whose boxes or points leave the image."""
 
 

@@ -67,6 +67,7 @@ from PIL import Image
 from visurf_ray.data.answers import anomaly_answer, count_answer, grounding_answer, gui_point_answer, model_style
 from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
+from visurf_ray.validation import ValidationError, check_int, require
 
 IMAGE_SIZE = 112
 CELL = 14
@@ -585,7 +586,7 @@ def split_names() -> list[str]:
 def split_mix(name: str) -> Mix:
     """The recipe of split `name` (see the module docstring); ValueError naming the split if unknown."""
     if name not in split_names():
-        raise ValueError(f"split name {name!r} is unknown; expected one of {split_names()}")
+        raise ValidationError(f"split name {name!r} is unknown; expected one of {split_names()}")
     prefix, _, task = name.partition("/")
     if prefix in ("pretrain", "posttrain"):
         source, heldout = (PRETRAIN if prefix == "pretrain" else POSTTRAIN), False
@@ -611,8 +612,7 @@ def iter_split(name: str, seed: int, where: Callable[[Mapping], bool] | None = N
     image is rendered (cheap filtering); kept items keep their ids, i.e. their index in the unfiltered stream.
     """
     mix = split_mix(name)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_int("seed", seed, low=0)
     kinds = list(mix.kinds)
     weights = np.array([mix.kinds[k] for k in kinds], dtype=np.float64)
     weights /= weights.sum()
@@ -665,8 +665,7 @@ def make_stratified_split(name: str, per_slice: int, seed: int) -> list[Sample]:
     """The first `per_slice` items of each slice of split `name` (`split_slices`), in stream order (ids as in
     `iter_split`): an evaluation set whose rare slices (no-object, unseen colour, clean textures) are as large as the
     common ones, so that each slice's metric has the same precision."""
-    if not isinstance(per_slice, int) or per_slice < 0:
-        raise ValueError(f"per_slice must be a non-negative int, got {per_slice!r}")
+    check_int("per_slice", per_slice, low=0)
     wanted = dict.fromkeys(split_slices(name), per_slice)
 
     def needed(meta: Mapping) -> bool:
@@ -680,16 +679,18 @@ def make_stratified_split(name: str, per_slice: int, seed: int) -> list[Sample]:
 
 def make_split(name: str, n: int, seed: int) -> list[Sample]:
     """The first `n` items of `iter_split(name, seed)`; each image is IMAGE_SIZE x IMAGE_SIZE RGB."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    check_int("n", n, low=0)
     return list(itertools.islice(iter_split(name, seed), n))
 
 
 def target_text(sample: Sample) -> str:
     """The pretraining target `<think>{meta["think"]}</think><answer>{solution in the model's style}</answer>` of a
     benchmark sample (`answers.model_style`: the spaced JSON the base model learns to write)."""
-    if "think" not in sample.meta:
-        raise ValueError(f"sample {sample.id!r} has no meta['think']: only benchmark samples have a pretraining target")
+    require(
+        "think" in sample.meta,
+        f"sample {sample.id!r}",
+        "has no meta['think']: only benchmark samples have a pretraining target",
+    )
     return f"<think>{sample.meta['think']}</think><answer>{model_style(sample.task, sample.solution)}</answer>"
 
 

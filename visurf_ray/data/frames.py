@@ -18,6 +18,7 @@ from PIL import Image
 from visurf_ray.data.answers import DATASET_SEPARATORS
 from visurf_ray.data.sample import Sample
 from visurf_ray.rewards.answer import find_answer_span, is_finite_number, parse_json_answer
+from visurf_ray.validation import check_int
 
 IMAGE_FRAME = "image_frame"
 """`Sample.meta` key of a resized sample: {"width", "height", "solution"} of the stored image (pixels, its solution)."""
@@ -56,8 +57,7 @@ def to_model_frame(sample: Sample, side: int) -> Sample:
     """`sample` as the model sees it: its image resized to side × side pixels (bilinear, as the authors resize), its
     solution scaled into that frame (a non-JSON solution, e.g. a count, unchanged) and the stored image's size and
     solution kept in `meta[IMAGE_FRAME]` for `in_image_frame`. side: pixels, >= 1."""
-    if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-        raise ValueError(f"side must be an int >= 1 (pixels), got {side!r}")
+    check_int("side", side, low=1, note="(pixels)")
     width, height = sample.img_width, sample.img_height
     parsed = parse_json_answer(sample.solution)
     solution = sample.solution

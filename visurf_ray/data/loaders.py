@@ -30,13 +30,14 @@ from visurf_ray.data.answers import SolutionError, check_solution, grounding_ans
 from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
 from visurf_ray.rewards import TASKS
+from visurf_ray.validation import ValidationError, check_choice
 
 logger = logging.getLogger(__name__)
 
 VISURF_FIELDS = ("id", "problem", "solution", "image", "img_height", "img_width")
 
 
-class DataError(ValueError):
+class DataError(ValidationError):
     """A bad row: `path` of the file, `row_id` (the row's id, or `#index`), `field` and `reason`."""
 
     def __init__(self, path: str, row_id: str, field: str, reason: str):
@@ -52,9 +53,11 @@ class LoadResult:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-class _RowError(Exception):
+class _RowError(ValidationError):
+    """A bad value in the row being loaded (`field`, `reason`); `_load` turns it into a DataError naming the row."""
+
     def __init__(self, field: str, reason: str):
-        super().__init__(reason)
+        super().__init__(f"{field} {reason}")
         self.field, self.reason = field, reason
 
 
@@ -75,7 +78,7 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict | _RowError]]:
                     continue
                 yield index, row if isinstance(row, dict) else _RowError("row", "is not a JSON object")
     else:
-        raise ValueError(f"path {str(path)!r} must end in .parquet or .jsonl")
+        raise ValidationError(f"path {str(path)!r} must end in .parquet or .jsonl")
 
 
 def _required(row: dict, name: str):
@@ -274,6 +277,5 @@ def load_grefcoco_eval(path, *, skip_bad: bool = False, image_root=None, box_for
     `load_visurf_rows`. Samples carry the solution `[{"bbox_2d": ..., "point_2d": ...}, ...]` (or `[]`) and
     `meta["no_object"]`.
     """
-    if box_format not in ("xyxy", "xywh"):
-        raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
+    check_choice("box_format", box_format, ("xyxy", "xywh"))
     return _load(path, skip_bad, image_root, lambda row, row_id, root: _grefcoco_sample(row, row_id, root, box_format))

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from visurf_ray.validation import require
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -31,9 +33,10 @@ class Sample:
     meta: Mapping = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.image.size != (self.img_width, self.img_height):
-            raise ValueError(
-                f"sample {self.id!r}: image is {self.image.size[0]}x{self.image.size[1]} px but "
-                f"img_width x img_height is {self.img_width}x{self.img_height}"
-            )
+        require(
+            self.image.size == (self.img_width, self.img_height),
+            f"sample {self.id!r}:",
+            f"image is {self.image.size[0]}x{self.image.size[1]} px but img_width x img_height is "
+            f"{self.img_width}x{self.img_height}",
+        )
         object.__setattr__(self, "meta", dict(self.meta))

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from visurf_ray.models.inputs import PromptBatch
 from visurf_ray.models.policy import Policy
+from visurf_ray.validation import check_int, check_number, require
 
 
 @dataclass
@@ -43,8 +44,7 @@ class Rollouts:
         for per_completion in (self.old_logp, self.engine_logp):
             if per_completion is not None:
                 sizes.add(len(per_completion))
-        if len(sizes) != 1:
-            raise ValueError(f"Rollouts fields have different lengths: {sorted(sizes)}")
+        require(len(sizes) == 1, "Rollouts fields", f"have different lengths: {sorted(sizes)}")
 
     def num_tokens(self) -> int:
         return sum(len(ids) for ids in self.completion_ids)
@@ -90,12 +90,11 @@ def generate(
 
     The model's train/eval mode is left as the caller set it.
     """
-    if num_return_sequences < 1 or max_new_tokens < 1:
-        raise ValueError(
-            f"num_return_sequences ({num_return_sequences}) and max_new_tokens ({max_new_tokens}) must be >= 1"
-        )
-    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
-        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    check_int("num_return_sequences", num_return_sequences, low=1)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    if do_sample:
+        check_number("temperature", temperature, low=0, low_open=True, note="(sampling)")
+        check_number("top_p", top_p, low=0, high=1, low_open=True, note="(sampling)")
     tokenizer = policy.tokenizer
     prompt_index = [row for row in range(len(prompt_batch)) for _ in range(num_return_sequences)]
     # Expanded here rather than by `num_return_sequences` in generate: transformers versions differ in how they

@@ -15,6 +15,7 @@ from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 from transformers.cache_utils import DynamicLayer
 
 from visurf_ray.models.policy import Policy
+from visurf_ray.validation import ValidationError, check_type, require
 
 IMAGE_TOKEN_TYPE = 1  # mm_token_type_ids: 0 text, 1 image, 2 video
 
@@ -55,8 +56,11 @@ class PromptBatch:
     def select(self, prompt_index: list[int]) -> "PromptBatch":
         """Rows `prompt_index` (repeats allowed) with their images' patches, in that order; [len(prompt_index), P]."""
         for member, index in enumerate(prompt_index):
-            if not 0 <= index < len(self):
-                raise ValueError(f"prompt_index[{member}] = {index} is outside the batch of {len(self)} prompts")
+            require(
+                0 <= index < len(self),
+                f"prompt_index[{member}] = {index}",
+                f"is outside the batch of {len(self)} prompts",
+            )
         patch_counts = self.image_grid_thw.prod(dim=-1).tolist()
         patch_starts = [sum(patch_counts[:i]) for i in range(len(patch_counts))]
         rows = torch.tensor(prompt_index, dtype=torch.long, device=self.input_ids.device)
@@ -127,16 +131,16 @@ def encode_prompts(policy: Policy, images: list[Image.Image], questions: list[st
     Returns:
         A left-padded PromptBatch on CPU (see its docstring for shapes).
     """
-    if len(images) != len(questions):
-        raise ValueError(f"images ({len(images)}) and questions ({len(questions)}) must have the same length")
-    if not images:
-        raise ValueError("encode_prompts needs at least one prompt")
+    require(
+        len(images) == len(questions),
+        f"images ({len(images)}) and questions ({len(questions)})",
+        "must have the same length",
+    )
+    require(images, "encode_prompts", "needs at least one prompt")
     for record, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"images[{record}] must be a PIL.Image.Image, got {type(image).__name__}")
+        check_type(f"images[{record}]", image, Image.Image, "a PIL.Image.Image")
     for record, question in enumerate(questions):
-        if not isinstance(question, str):
-            raise ValueError(f"questions[{record}] must be a str, got {type(question).__name__}")
+        check_type(f"questions[{record}]", question, str, "a str")
     encoded = policy.processor(
         images=images,
         text=[chat_prompt(policy, question) for question in questions],
@@ -180,19 +184,21 @@ class CompletionBatch:
 def encode_completions(policy: Policy, completion_ids: list[list[int]], prompt_index: list[int]) -> CompletionBatch:
     """Pad N completions (token ids; rollouts and labels alike, each non-empty, ending with eos or not) to one
     [N, T] batch, T the longest; `prompt_index` gives each member's prompt row. On CPU."""
-    if len(completion_ids) != len(prompt_index):
-        raise ValueError(
-            f"completion_ids ({len(completion_ids)}) and prompt_index ({len(prompt_index)}) must have the same length"
-        )
-    if not completion_ids:
-        raise ValueError("a completion batch needs at least one completion")
+    require(
+        len(completion_ids) == len(prompt_index),
+        f"completion_ids ({len(completion_ids)}) and prompt_index ({len(prompt_index)})",
+        "must have the same length",
+    )
+    require(completion_ids, "a completion batch", "needs at least one completion")
     config = policy.model.config
     vision_token_ids = {config.image_token_id, config.video_token_id}
     for member, ids in enumerate(completion_ids):
-        if not ids:
-            raise ValueError(f"completion_ids[{member}] is empty")
-        if vision_token_ids & set(ids):
-            raise ValueError(f"completion_ids[{member}] contains image/video placeholder tokens {vision_token_ids}")
+        require(ids, f"completion_ids[{member}]", "is empty")
+        require(
+            not vision_token_ids & set(ids),
+            f"completion_ids[{member}]",
+            f"contains image/video placeholder tokens {vision_token_ids}",
+        )
     length = max(len(ids) for ids in completion_ids)
     padded = torch.full((len(completion_ids), length), policy.tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(completion_ids), length, dtype=torch.float32)
@@ -264,21 +270,32 @@ def input_embeddings(
     ([image tokens, hidden] per prompt row), as the model's own forward does with one encoding per member."""
     owners = seq_batch.prompt_index.tolist()
     missing = sorted(set(owners) - set(features))
-    if missing:
-        raise ValueError(f"features has no image features for prompt rows {missing}")
-    return _embed_with_images(model, seq_batch.input_ids, torch.cat([features[owner] for owner in owners]))
+    require(not missing, "features", f"has no image features for prompt rows {missing}")
+    image_embeds = torch.cat([features[owner] for owner in owners])
+    _require_image_tokens(seq_batch.input_ids, image_embeds.shape[0], model.config.image_token_id)
+    return _embed_with_images(model, seq_batch.input_ids, image_embeds)
 
 
 def _embed_with_images(model: VisionLanguageModel, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
     """Token embeddings [N, L, hidden] of `input_ids` [N, L] with the image tokens' replaced, row-major in order, by
-    `image_embeds` [image tokens of the batch, hidden] (cast to the embeddings' dtype)."""
+    `image_embeds` [image tokens of the batch, hidden] (cast to the embeddings' dtype). Its callers check that the
+    two match (`_require_image_tokens`)."""
     embeddings = model.get_input_embeddings()(input_ids)
     image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
-    if int(image_mask.sum()) != image_embeds.shape[0]:
-        raise ValueError(
-            f"the batch has {int(image_mask.sum())} image tokens but features give {image_embeds.shape[0]} embeddings"
-        )
     return embeddings.masked_scatter(image_mask, image_embeds.to(embeddings.dtype))
+
+
+def _require_image_tokens(input_ids: torch.Tensor, embeddings: int, image_token_id: int) -> None:
+    """The image tokens of `input_ids` must number `embeddings`: checked where input_ids lie on the CPU (counting
+    them on an accelerator would sync it every forward pass), i.e. before the batch moves to the model's device."""
+    if input_ids.device.type != "cpu":
+        return
+    image_tokens = int((input_ids == image_token_id).sum())
+    require(
+        image_tokens == embeddings,
+        "features",
+        f"give {embeddings} image embeddings but the batch has {image_tokens} image tokens",
+    )
 
 
 def completion_logits(
@@ -372,7 +389,9 @@ def prompt_states(
     gradient checkpointing, which drops the key/value cache (transformers' GradientCheckpointingLayer).
     """
     if getattr(model, "is_gradient_checkpointing", False) and model.training:
-        raise ValueError("prompt_states needs the key/value cache, which gradient checkpointing drops")
+        raise ValidationError("prompt_states needs the key/value cache, which gradient checkpointing drops")
+    if features is not None:
+        _require_image_tokens(prompts.input_ids, sum(f.shape[0] for f in features), model.config.image_token_id)
     device = next(model.parameters()).device
     prompts = prompts.to(device)
     if features is None:

@@ -22,6 +22,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from visurf_ray.models.processor import ImageOnlyQwenVLProcessor
 from visurf_ray.models.vision_attention import batch_vision_windows
+from visurf_ray.validation import ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what} {path} is not valid JSON: {error}") from error
+        raise ValidationError(f"{what} {path} is not valid JSON: {error}") from error
 
 
 def _saved_processor_class(folder: Path) -> str | None:
@@ -127,7 +128,7 @@ def load_policy(
         raise FileNotFoundError(f"policy folder {folder} has no config.json")
     model_type = _read_json(config_file, "config").get("model_type")
     if model_type != MODEL_TYPE:
-        raise ValueError(f"{config_file} has model_type {model_type!r}; load_policy loads {MODEL_TYPE!r} only")
+        raise ValidationError(f"{config_file} has model_type {model_type!r}; load_policy loads {MODEL_TYPE!r} only")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(f"policy folder {folder} has no weights (expected one of {', '.join(WEIGHT_FILES)})")
 
@@ -141,10 +142,10 @@ def load_policy(
             Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, output_loading_info=True),
         )
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
-        raise ValueError(f"could not read the weights in {folder}: {error}") from error
+        raise ValidationError(f"could not read the weights in {folder}: {error}") from error
     incomplete = {key: loading_info[key] for key in ("missing_keys", "mismatched_keys") if loading_info.get(key)}
     if incomplete:
-        raise ValueError(f"weights in {folder} do not match the model: {incomplete}")
+        raise ValidationError(f"weights in {folder} do not match the model: {incomplete}")
     # transformers' decorator on PreTrainedModel.to hides its signature from mypy
     model = batch_vision_windows(model).to(device)  # type: ignore[arg-type]
     return Policy(model=model, processor=_load_processor(folder))

@@ -7,6 +7,8 @@ Saved folders name this class in `processor_config.json`; `load_policy` reads th
 from transformers import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from visurf_ray.validation import ValidationError
+
 TEMPORAL_PATCH_SIZE = 2  # Qwen2-VL repeats a still image over two frames
 
 
@@ -29,7 +31,7 @@ def build_image_processor(*, image_size: int, patch_size: int, merge_size: int) 
     """
     factor = patch_size * merge_size
     if image_size <= 0 or image_size % factor:
-        raise ValueError(
+        raise ValidationError(
             f"image_size must be a positive multiple of patch_size * merge_size = {factor}, got {image_size}"
         )
     return Qwen2VLImageProcessorPil(

@@ -22,6 +22,7 @@ from visurf_ray.models.policy import Policy
 from visurf_ray.models.processor import TEMPORAL_PATCH_SIZE, ImageOnlyQwenVLProcessor, build_image_processor
 from visurf_ray.models.tokenizer import train_tokenizer
 from visurf_ray.models.vision_attention import batch_vision_windows
+from visurf_ray.validation import check_int, check_number, require
 
 
 @dataclass(frozen=True)
@@ -64,36 +65,35 @@ class TinyVLMSpec:
 
     def __post_init__(self):
         for name in ("text_hidden", "text_layers", "text_heads", "text_kv_heads", "text_mlp", "vision_depth"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TinyVLMSpec.{name} must be positive, got {getattr(self, name)}")
-        if self.text_hidden % self.text_heads or self.text_heads % self.text_kv_heads:
-            raise ValueError(
-                f"TinyVLMSpec: text_hidden ({self.text_hidden}) must divide by text_heads ({self.text_heads}) and "
-                f"text_heads by text_kv_heads ({self.text_kv_heads})"
-            )
-        if self.head_dim % 16:
-            raise ValueError(
-                f"TinyVLMSpec: head_dim = text_hidden / text_heads must be a multiple of 16 (M-RoPE "
-                f"splits it 2:3:3), got {self.head_dim}"
-            )
+            check_int(f"TinyVLMSpec.{name}", getattr(self, name), low=1)
+        require(
+            not (self.text_hidden % self.text_heads or self.text_heads % self.text_kv_heads),
+            "TinyVLMSpec",
+            f"text_hidden ({self.text_hidden}) must divide by text_heads ({self.text_heads}) and text_heads by "
+            f"text_kv_heads ({self.text_kv_heads})",
+        )
+        require(
+            self.head_dim % 16 == 0,
+            "TinyVLMSpec.head_dim",
+            f"(text_hidden / text_heads) must be a multiple of 16 (M-RoPE splits it 2:3:3), got {self.head_dim}",
+        )
         token_pixels = self.patch_size * self.spatial_merge
-        if self.vision_window < token_pixels or self.vision_window % token_pixels:
-            raise ValueError(
-                f"TinyVLMSpec.vision_window ({self.vision_window}) must be a positive multiple of patch_size x "
-                f"spatial_merge ({token_pixels} pixels, one image token)"
-            )
-        if any(not 0 <= block < self.vision_depth for block in self.vision_full_attention_blocks):
-            raise ValueError(
-                f"TinyVLMSpec.vision_full_attention_blocks {self.vision_full_attention_blocks} must index vision "
-                f"blocks 0..{self.vision_depth - 1}"
-            )
-        if not self.vision_init_std > 0:
-            raise ValueError(f"TinyVLMSpec.vision_init_std must be > 0, got {self.vision_init_std}")
-        if self.vision_hidden % self.vision_heads or (self.vision_hidden // self.vision_heads) % 4:
-            raise ValueError(
-                f"TinyVLMSpec: vision_hidden ({self.vision_hidden}) / vision_heads ({self.vision_heads}) must be a "
-                "multiple of 4"
-            )
+        require(
+            self.vision_window >= token_pixels and self.vision_window % token_pixels == 0,
+            f"TinyVLMSpec.vision_window ({self.vision_window})",
+            f"must be a positive multiple of patch_size x spatial_merge ({token_pixels} pixels, one image token)",
+        )
+        require(
+            all(0 <= block < self.vision_depth for block in self.vision_full_attention_blocks),
+            f"TinyVLMSpec.vision_full_attention_blocks {self.vision_full_attention_blocks}",
+            f"must index vision blocks 0..{self.vision_depth - 1}",
+        )
+        check_number("TinyVLMSpec.vision_init_std", self.vision_init_std, low=0, low_open=True, finite=False)
+        require(
+            not (self.vision_hidden % self.vision_heads or (self.vision_hidden // self.vision_heads) % 4),
+            "TinyVLMSpec",
+            f"vision_hidden ({self.vision_hidden}) / vision_heads ({self.vision_heads}) must be a multiple of 4",
+        )
 
     @property
     def head_dim(self) -> int:

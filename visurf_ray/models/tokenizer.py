@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from visurf_ray.validation import check_int, check_type, require
+
 # Qwen2.5-VL's special tokens, in its id order (151643..151656 there).
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -78,8 +80,7 @@ def _texts_without_added_tokens(corpus: Iterable[str], added_tokens: tuple[str, 
     """Yield the corpus pieces between added tokens, so BPE merges are not spent on them."""
     splitter = re.compile("|".join(re.escape(token) for token in sorted(added_tokens, key=len, reverse=True)))
     for record, text in enumerate(corpus):
-        if not isinstance(text, str):
-            raise ValueError(f"corpus[{record}] must be a str, got {type(text).__name__}")
+        check_type(f"corpus[{record}]", text, str, "a str")
         yield from (piece for piece in splitter.split(text) if piece)
 
 
@@ -101,11 +102,9 @@ def train_tokenizer(
     """
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     minimum_size = len(byte_alphabet) + len(QWEN_SPECIAL_TOKENS)
-    if vocab_size < minimum_size:
-        raise ValueError(f"vocab_size must be at least {minimum_size} (bytes + special tokens), got {vocab_size}")
+    check_int("vocab_size", vocab_size, low=minimum_size, note="(bytes + special tokens)")
     clashes = sorted(set(extra_tokens) & set(QWEN_SPECIAL_TOKENS))
-    if clashes:
-        raise ValueError(f"extra_tokens must not repeat special tokens: {clashes}")
+    require(not clashes, "extra_tokens", f"must not repeat special tokens: {clashes}")
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(

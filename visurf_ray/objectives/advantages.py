@@ -3,32 +3,23 @@
 Pure torch on reward tensors (reward units, one value per completion). Must not import ray, transformers or
 visurf_ray.rewards: reward controls that rewrite text (aligning, eliminating the label's thinking reward) happen before
 this module; only smoothing (reward control 3) acts on the numbers and lives here.
+
+Validation: the public functions check their rewards (`check_rewards`: finite values, read on the CPU tensors the
+trainer builds) and call unchecked cores, which the paradigms call once `Paradigm.advantages` has checked the rewards.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-
-def _check_rewards(name: str, rewards: object, ndim: int) -> None:
-    if not isinstance(rewards, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(rewards).__name__}")
-    if rewards.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(rewards.shape)}")
-    if not rewards.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {rewards.dtype}")
-    if rewards.shape[0] < 1:
-        raise ValueError(f"{name} must hold at least one group, got shape {tuple(rewards.shape)}")
-    if not torch.isfinite(rewards).all():
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
+from visurf_ray.validation import check_number, check_tensor, require
 
 
-def _check_eps(eps: float) -> None:
-    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+def check_rewards(where: str, rewards: object, ndim: int) -> None:
+    """Rewards must be a finite floating tensor with `ndim` dimensions and at least one group (dim 0). Reads the values
+    (isfinite): call it on the CPU reward tensors the trainer builds, once per step."""
+    check_tensor(where, rewards, floating=True, ndim=ndim, nonempty="group", finite=True)
 
 
 def constant_rows(rewards: Tensor) -> Tensor:
@@ -51,10 +42,18 @@ def group_advantages(
     rewards: [B, K] floating, reward units, K >= 2 members per group. Returns [B, K] of the same dtype (unitless with
     `normalize_std`, reward units without).
     """
-    _check_rewards("rewards", rewards, ndim=2)
-    if rewards.shape[1] < 2:
-        raise ValueError(f"rewards must have at least 2 members per group (dim 1), got shape {tuple(rewards.shape)}")
-    _check_eps(eps)
+    check_rewards("rewards", rewards, ndim=2)
+    require(
+        rewards.shape[1] >= 2,
+        "rewards",
+        f"must have at least 2 members per group (dim 1), got shape {tuple(rewards.shape)}",
+    )
+    check_number("eps", eps, low=0)
+    return _group_advantages(rewards, unbiased_std, normalize_std, eps)
+
+
+def _group_advantages(rewards: Tensor, unbiased_std: bool, normalize_std: bool, eps: float) -> Tensor:
+    """`group_advantages` on checked arguments (callers below an entry: `visurf_advantages`, the paradigms)."""
     constant = constant_rows(rewards).unsqueeze(1)
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     if normalize_std:
@@ -102,33 +101,54 @@ def visurf_advantages(
     rollout_rewards: [B, G] floating, label_rewards: [B] of the same dtype, reward units.
     Returns (rollout_adv [B, G], label_adv [B]).
     """
-    _check_rewards("rollout_rewards", rollout_rewards, ndim=2)
-    _check_rewards("label_rewards", label_rewards, ndim=1)
-    if label_rewards.shape[0] != rollout_rewards.shape[0]:
-        raise ValueError(
-            f"label_rewards must have one reward per group ({rollout_rewards.shape[0]}), "
-            f"got shape {tuple(label_rewards.shape)}"
-        )
-    if label_rewards.dtype != rollout_rewards.dtype:
-        raise ValueError(
-            f"label_rewards dtype {label_rewards.dtype} must equal rollout_rewards dtype {rollout_rewards.dtype}"
-        )
+    check_rewards("rollout_rewards", rollout_rewards, ndim=2)
+    check_rewards("label_rewards", label_rewards, ndim=1)
+    check_label_pairing(rollout_rewards, label_rewards, smoothing_reference if smoothing else None)
+    check_number("eps", eps, low=0)
+    return _visurf_advantages(
+        rollout_rewards, label_rewards, smoothing, smoothing_reference, unbiased_std, normalize_std, eps
+    )
+
+
+def check_label_pairing(
+    rollout_rewards: Tensor, label_rewards: Tensor, smoothing_reference: tuple[Tensor, Tensor] | None = None
+) -> None:
+    """The label's side of `visurf_advantages`' contract, on rewards that passed `check_rewards`: one label reward per
+    group, of the rollouts' dtype, and, when given, smoothing_reference's two tensors of the same shapes."""
+    require(
+        label_rewards.shape[0] == rollout_rewards.shape[0],
+        "label_rewards",
+        f"must have one reward per group ({rollout_rewards.shape[0]}), got shape {tuple(label_rewards.shape)}",
+    )
+    require(
+        label_rewards.dtype == rollout_rewards.dtype,
+        "label_rewards",
+        f"dtype {label_rewards.dtype} must equal rollout_rewards dtype {rollout_rewards.dtype}",
+    )
+    if smoothing_reference is not None:
+        for name, given, like in zip(("rollout", "label"), smoothing_reference, (rollout_rewards, label_rewards)):
+            check_tensor(f"smoothing_reference {name} rewards", given, shape=like.shape)
+
+
+def _visurf_advantages(
+    rollout_rewards: Tensor,
+    label_rewards: Tensor,
+    smoothing: bool,
+    smoothing_reference: tuple[Tensor, Tensor] | None,
+    unbiased_std: bool,
+    normalize_std: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """`visurf_advantages` on checked arguments (callers below an entry: ViSurf's paradigm)."""
     label = label_rewards
     if smoothing:
         reference = (rollout_rewards, label_rewards) if smoothing_reference is None else smoothing_reference
-        for name, given, like in zip(("rollout", "label"), reference, (rollout_rewards, label_rewards)):
-            if not isinstance(given, Tensor) or given.shape != like.shape:
-                got = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
-                raise ValueError(f"smoothing_reference {name} rewards must have shape {tuple(like.shape)}, got {got}")
         fired = smoothing_mask(*reference)
         # Equal rollouts keep their exact value: a rounded mean would make the G+1 group look non-constant.
         rollout_mean = torch.where(constant_rows(rollout_rewards), rollout_rewards[:, 0], rollout_rewards.mean(dim=1))
         label = torch.where(fired, rollout_mean, label_rewards)
-    advantages = group_advantages(
-        torch.cat([rollout_rewards, label.unsqueeze(1)], dim=1),
-        unbiased_std=unbiased_std,
-        normalize_std=normalize_std,
-        eps=eps,
+    advantages = _group_advantages(
+        torch.cat([rollout_rewards, label.unsqueeze(1)], dim=1), unbiased_std, normalize_std, eps
     )
     rollout_adv, label_adv = advantages[:, :-1].contiguous(), advantages[:, -1]
     if smoothing:

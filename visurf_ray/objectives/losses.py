@@ -14,15 +14,20 @@ Aggregations (`agg`):
     constant maximum length only rescales the loss (a learning-rate change, invisible to Adam up to its eps), so it is
     not offered.
 An all-empty mask gives 0 for every aggregation, never NaN.
+
+Validation: the public functions check their arguments (`visurf_ray.validation`; shapes and dtypes, no device work)
+and call unchecked cores (`_policy_loss`, `_sft_loss`, ...), which the paradigms call directly once `Paradigm.loss`
+has checked its tensors and `ObjectiveConfig` its scalars (clip range, γ, aggregation, KL estimator).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from visurf_ray.validation import check_choice, check_number, check_tensor, require
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -66,59 +71,49 @@ KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {
 
 def get_aggregation(agg: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The aggregation registered as `agg` (see the module docstring); ValueError naming `agg` otherwise."""
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"agg must be one of {sorted(AGGREGATIONS)}, got {agg!r}")
+    check_choice("agg", agg, sorted(AGGREGATIONS))
     return AGGREGATIONS[agg]
 
 
 def get_kl_estimator(kind: str) -> Callable[[Tensor], Tensor]:
     """The per-token KL estimator registered as `kind`; ValueError naming `kind` otherwise."""
-    if kind not in KL_ESTIMATORS:
-        raise ValueError(f"kind must be one of {sorted(KL_ESTIMATORS)}, got {kind!r}")
+    check_choice("kind", kind, sorted(KL_ESTIMATORS))
     return KL_ESTIMATORS[kind]
 
 
 def check_clip_range(clip_low: float, clip_high: float) -> None:
-    """ValueError naming the argument unless 0 < clip_low < 1 and clip_high > 0 (the ratio is clipped to
+    """ValueError naming the argument unless 0 < clip_low < 1 and clip_high > 0, finite (the ratio is clipped to
     [1 − clip_low, 1 + clip_high])."""
-    if isinstance(clip_low, bool) or not (isinstance(clip_low, int | float) and 0 < clip_low < 1):
-        raise ValueError(f"clip_low must be in (0, 1), got {clip_low!r}")
-    if isinstance(clip_high, bool) or not (
-        isinstance(clip_high, int | float) and math.isfinite(clip_high) and clip_high > 0
-    ):
-        raise ValueError(f"clip_high must be a finite number > 0, got {clip_high!r}")
+    check_number("clip_low", clip_low, low=0, high=1, low_open=True, high_open=True)
+    check_number("clip_high", clip_high, low=0, low_open=True)
 
 
-def _check_token_tensors(logp: object, mask: object, **same_as_logp: object) -> None:
-    if not isinstance(logp, Tensor) or logp.ndim != 2 or not logp.is_floating_point():
-        raise ValueError(f"logp must be a floating-point [N, T] tensor, got {_describe(logp)}")
-    if logp.shape[0] < 1:
-        raise ValueError(f"logp must hold at least one sequence, got shape {tuple(logp.shape)}")
+def check_token_batch(logp: object, mask: object, **same_as_logp: object) -> None:
+    """The token-level contract of this module's entry functions: logp a floating [N, T] tensor with N >= 1; each of
+    `same_as_logp` (by name) of logp's dtype and shape; mask torch.bool of logp's shape. ValueError naming the argument.
+    Shapes and dtypes only: no device work."""
+    check_tensor("logp", logp, floating=True, ndim=2, dims="[N, T]", nonempty="sequence")
+    assert isinstance(logp, Tensor)
     for name, tensor in same_as_logp.items():
-        if not isinstance(tensor, Tensor) or tensor.shape != logp.shape or tensor.dtype != logp.dtype:
-            raise ValueError(
-                f"{name} must be a {logp.dtype} tensor of shape {tuple(logp.shape)}, got {_describe(tensor)}"
-            )
-    if not isinstance(mask, Tensor) or mask.shape != logp.shape or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a torch.bool tensor of shape {tuple(logp.shape)}, got {_describe(mask)}")
+        check_tensor(name, tensor, dtype=logp.dtype, shape=logp.shape)
+    check_tensor("mask", mask, dtype=torch.bool, shape=logp.shape)
 
 
-def _describe(tensor: object) -> str:
-    if isinstance(tensor, Tensor):
-        return f"{tensor.dtype} tensor of shape {tuple(tensor.shape)}"
-    return type(tensor).__name__
+def check_advantages(advantages: object, logp: Tensor) -> None:
+    """Advantages must be floating, of shape [N] (one per sequence) or [N, T] (per token), N, T as logp's."""
+    check_tensor("advantages", advantages, floating=True)
+    assert isinstance(advantages, Tensor)
+    require(
+        advantages.shape in (logp.shape[:1], logp.shape),
+        "advantages",
+        f"must have shape {tuple(logp.shape[:1])} or {tuple(logp.shape)}, got {tuple(advantages.shape)}",
+    )
 
 
-def _token_advantages(advantages: object, logp: Tensor) -> Tensor:
-    """Advantages [N] or [N, T] as [N, 1] or [N, T] in logp's dtype; ValueError naming `advantages` otherwise."""
-    if not isinstance(advantages, Tensor) or not advantages.is_floating_point():
-        raise ValueError(f"advantages must be a floating-point tensor, got {_describe(advantages)}")
-    if advantages.shape == logp.shape[:1]:
+def _token_advantages(advantages: Tensor, logp: Tensor) -> Tensor:
+    """Checked advantages [N] or [N, T] as [N, 1] or [N, T] in logp's dtype."""
+    if advantages.ndim == 1:
         advantages = advantages.unsqueeze(1)
-    elif advantages.shape != logp.shape:
-        raise ValueError(
-            f"advantages must have shape {tuple(logp.shape[:1])} or {tuple(logp.shape)}, got {tuple(advantages.shape)}"
-        )
     return advantages.to(logp.dtype)
 
 
@@ -130,9 +125,17 @@ def clipped_surrogate(
 
     Returns (values [N, T] of logp's dtype, clipped [N, T] bool: where the clipped term is the active one).
     """
-    _check_token_tensors(logp, mask, old_logp=old_logp)
-    advantages = _token_advantages(advantages, logp)
+    check_token_batch(logp, mask, old_logp=old_logp)
+    check_advantages(advantages, logp)
     check_clip_range(clip_low, clip_high)
+    return _clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+
+
+def _clipped_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor]:
+    """`clipped_surrogate` on checked arguments (callers below an entry: the paradigms' losses)."""
+    advantages = _token_advantages(advantages, logp)
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -169,8 +172,24 @@ def policy_loss(
       clip_fraction — share of tokens where the clipped term is the active one;
       approx_kl — KL(π_old ‖ π_θ) estimated by k3 = (ρ − 1) − log ρ.
     """
-    values, clipped = clipped_surrogate(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high)
-    loss = get_aggregation(agg)(values, mask)
+    check_token_batch(logp, mask, old_logp=old_logp)
+    check_advantages(advantages, logp)
+    check_clip_range(clip_low, clip_high)
+    return _policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, get_aggregation(agg))
+
+
+def _policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    aggregate: Callable[[Tensor, Tensor], Tensor],
+) -> tuple[Tensor, dict[str, float]]:
+    """`policy_loss` on checked arguments (callers below an entry: the paradigms' losses)."""
+    values, clipped = _clipped_surrogate(logp, old_logp, advantages, clip_low, clip_high)
+    loss = aggregate(values, mask)
     metrics = {
         "clip_fraction": masked_mean(clipped.to(logp.dtype), mask).item(),
         "approx_kl": approx_kl(logp, old_logp, mask).item(),
@@ -185,8 +204,12 @@ def policy_shaping(logp: Tensor, gamma: float) -> Tensor:
     vanishes on tokens the policy already finds likely and stays finite on unlikely ones. logp: [N, T] log-probs
     (nats); gamma > 0. Returns [N, T] in (0, 1), of logp's dtype.
     """
-    if isinstance(gamma, bool) or not (isinstance(gamma, int | float) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    check_number("gamma", gamma, low=0, low_open=True)
+    return _policy_shaping(logp, gamma)
+
+
+def _policy_shaping(logp: Tensor, gamma: float) -> Tensor:
+    """`policy_shaping` with a checked gamma (callers below an entry: LUFFY's loss)."""
     probability = torch.exp(logp)
     return probability / (probability + gamma)
 
@@ -199,10 +222,19 @@ def sft_loss(logp: Tensor, mask: Tensor, *, agg: str = "token-mean", token_weigh
     Returns a scalar (nats per token for the token-mean aggregations, nats per sequence for "seq-mean-token-sum").
     """
     if token_weight is None:
-        _check_token_tensors(logp, mask)
-        return -get_aggregation(agg)(logp, mask)
-    _check_token_tensors(logp, mask, token_weight=token_weight)
-    return -get_aggregation(agg)(token_weight * logp, mask)
+        check_token_batch(logp, mask)
+    else:
+        check_token_batch(logp, mask, token_weight=token_weight)
+    return _sft_loss(logp, mask, get_aggregation(agg), token_weight)
+
+
+def _sft_loss(
+    logp: Tensor, mask: Tensor, aggregate: Callable[[Tensor, Tensor], Tensor], token_weight: Tensor | None = None
+) -> Tensor:
+    """`sft_loss` on checked arguments (callers below an entry: the paradigms' losses)."""
+    if token_weight is None:
+        return -aggregate(logp, mask)
+    return -aggregate(token_weight * logp, mask)
 
 
 def kl_penalty(
@@ -213,6 +245,16 @@ def kl_penalty(
     logp, ref_logp: [N, T] log-probs (nats) of tokens sampled from π_θ, same floating dtype; mask: [N, T] bool.
     Returns a scalar (nats).
     """
-    _check_token_tensors(logp, mask, ref_logp=ref_logp)
-    estimator = get_kl_estimator(kind)
-    return get_aggregation(agg)(estimator(logp - ref_logp), mask)
+    check_token_batch(logp, mask, ref_logp=ref_logp)
+    return _kl_penalty(logp, ref_logp, mask, get_kl_estimator(kind), get_aggregation(agg))
+
+
+def _kl_penalty(
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    estimator: Callable[[Tensor], Tensor],
+    aggregate: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """`kl_penalty` on checked arguments (callers below an entry: the paradigms' losses)."""
+    return aggregate(estimator(logp - ref_logp), mask)

@@ -20,18 +20,35 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from visurf_ray.objectives.advantages import group_advantages, smoothing_mask, visurf_advantages
+from visurf_ray.objectives.advantages import (
+    _group_advantages,
+    _visurf_advantages,
+    check_label_pairing,
+    check_rewards,
+    smoothing_mask,
+)
 from visurf_ray.objectives.losses import (
+    AGGREGATIONS,
     KL_ESTIMATORS,
+    _clipped_surrogate,
+    _kl_penalty,
+    _policy_loss,
+    _policy_shaping,
+    _sft_loss,
     approx_kl,
+    check_advantages,
     check_clip_range,
-    clipped_surrogate,
-    get_aggregation,
-    kl_penalty,
+    check_token_batch,
     masked_mean,
-    policy_loss,
-    policy_shaping,
-    sft_loss,
+)
+from visurf_ray.validation import (
+    ValidationError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_tensor,
+    require,
 )
 
 PARADIGMS: dict[str, Paradigm] = {}
@@ -42,8 +59,7 @@ def register_paradigm(name: str):
     `paradigm_id` the next free id (registration order: sft 0, rlvr 1, visurf 2, sft_rlvr 3, luffy 4, chord 5)."""
 
     def wrap(cls: type[Paradigm]) -> type[Paradigm]:
-        if name in PARADIGMS:
-            raise ValueError(f"paradigm {name!r} is already registered")
+        require(name not in PARADIGMS, "paradigm", f"{name!r} is already registered")
         cls.name = name
         cls.paradigm_id = 1 + max((p.paradigm_id for p in PARADIGMS.values()), default=-1)
         PARADIGMS[name] = cls()
@@ -54,18 +70,8 @@ def register_paradigm(name: str):
 
 def get_paradigm(name: str) -> Paradigm:
     """The paradigm registered as `name`; ValueError naming `paradigm` and listing the known ones otherwise."""
-    if name not in PARADIGMS:
-        raise ValueError(f"paradigm must be one of {sorted(PARADIGMS)}, got {name!r}")
+    check_choice("paradigm", name, sorted(PARADIGMS))
     return PARADIGMS[name]
-
-
-def _check_number(name: str, value: object, *, low: float, high: float = math.inf) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not (math.isfinite(value) and low <= value <= high)
-    ):
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
 
 
 SMOOTHING_RULES = ("literal", "like_for_like")
@@ -134,18 +140,14 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         paradigm = get_paradigm(self.paradigm)
-        min_rollouts = 2 if paradigm.needs_rollouts else 0
-        if (
-            isinstance(self.num_rollouts, bool)
-            or not isinstance(self.num_rollouts, int)
-            or self.num_rollouts < min_rollouts
-        ):
-            raise ValueError(
-                f"num_rollouts must be an int >= {min_rollouts} for paradigm {self.paradigm!r}, "
-                f"got {self.num_rollouts!r}"
-            )
+        check_int(
+            "num_rollouts",
+            self.num_rollouts,
+            low=2 if paradigm.needs_rollouts else 0,
+            note=f"for paradigm {self.paradigm!r}",
+        )
         check_clip_range(self.clip_low, self.clip_high)
-        get_aggregation(self.agg)
+        check_choice("agg", self.agg, sorted(AGGREGATIONS))
         for name in (
             "unbiased_std",
             "normalize_std",
@@ -156,26 +158,17 @@ class ObjectiveConfig:
             "strict_format",
             "luffy_shaping",
         ):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.smoothing_rule not in SMOOTHING_RULES:
-            raise ValueError(f"smoothing_rule must be one of {SMOOTHING_RULES}, got {self.smoothing_rule!r}")
-        if self.sft_target not in SFT_TARGETS:
-            raise ValueError(f"sft_target must be one of {SFT_TARGETS}, got {self.sft_target!r}")
-        _check_number("eps", self.eps, low=0.0)
-        _check_number("kl_coef", self.kl_coef, low=0.0)
-        if self.kl_kind not in KL_ESTIMATORS:
-            raise ValueError(f"kl_kind must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_kind!r}")
-        _check_number("sft_share", self.sft_share, low=0.0, high=1.0)
-        _check_number("luffy_gamma", self.luffy_gamma, low=0.0)
-        if self.luffy_gamma == 0:
-            raise ValueError(f"luffy_gamma must be > 0 (γ = 0 makes π/(π + γ) constant), got {self.luffy_gamma!r}")
-        _check_number("chord_mu_start", self.chord_mu_start, low=0.0, high=1.0)
-        _check_number("chord_mu_end", self.chord_mu_end, low=0.0, high=1.0)
-        if self.chord_token_weight not in CHORD_TOKEN_WEIGHTS:
-            raise ValueError(
-                f"chord_token_weight must be one of {CHORD_TOKEN_WEIGHTS}, got {self.chord_token_weight!r}"
-            )
+            check_bool(name, getattr(self, name))
+        check_choice("smoothing_rule", self.smoothing_rule, SMOOTHING_RULES)
+        check_choice("sft_target", self.sft_target, SFT_TARGETS)
+        check_number("eps", self.eps, low=0)
+        check_number("kl_coef", self.kl_coef, low=0)
+        check_choice("kl_kind", self.kl_kind, sorted(KL_ESTIMATORS))
+        check_number("sft_share", self.sft_share, low=0, high=1)
+        check_number("luffy_gamma", self.luffy_gamma, low=0, low_open=True, note="(γ = 0 makes π/(π + γ) constant)")
+        check_number("chord_mu_start", self.chord_mu_start, low=0, high=1)
+        check_number("chord_mu_end", self.chord_mu_end, low=0, high=1)
+        check_choice("chord_token_weight", self.chord_token_weight, CHORD_TOKEN_WEIGHTS)
 
 
 def stack_members(rollout: Tensor | None, label: Tensor | None) -> Tensor:
@@ -184,21 +177,28 @@ def stack_members(rollout: Tensor | None, label: Tensor | None) -> Tensor:
     rollout: [B, G, *] or None; label: [B, *] or None; at least one given, with equal B and trailing dims *.
     Returns [N, *] with N = B·(G + 1), B·G or B. Works for advantages, rewards, flags and padded token rows alike.
     """
-    if rollout is not None and (not isinstance(rollout, Tensor) or rollout.ndim < 2):
-        raise ValueError(f"rollout must be a [B, G, *] tensor, got {type(rollout).__name__}")
-    if label is not None and (not isinstance(label, Tensor) or label.ndim < 1):
-        raise ValueError(f"label must be a [B, *] tensor, got {type(label).__name__}")
+    require(
+        rollout is None or (isinstance(rollout, Tensor) and rollout.ndim >= 2),
+        "rollout",
+        f"must be a [B, G, *] tensor, got {type(rollout).__name__}",
+    )
+    require(
+        label is None or (isinstance(label, Tensor) and label.ndim >= 1),
+        "label",
+        f"must be a [B, *] tensor, got {type(label).__name__}",
+    )
     if rollout is None:
-        if label is None:
-            raise ValueError("stack_members needs rollout or label, got neither")
+        require(label is not None, "stack_members", "needs rollout or label, got neither")
+        assert label is not None
         return label
     if label is None:
         return rollout.flatten(0, 1)
-    if rollout.shape[:1] + rollout.shape[2:] != label.shape or rollout.dtype != label.dtype:
-        raise ValueError(
-            f"label ({label.dtype}, shape {tuple(label.shape)}) must match rollout ({rollout.dtype}, shape "
-            f"{tuple(rollout.shape)}) without its group dimension"
-        )
+    require(
+        rollout.shape[:1] + rollout.shape[2:] == label.shape and rollout.dtype == label.dtype,
+        "label",
+        f"({label.dtype}, shape {tuple(label.shape)}) must match rollout ({rollout.dtype}, shape "
+        f"{tuple(rollout.shape)}) without its group dimension",
+    )
     return torch.cat([rollout, label.unsqueeze(1)], dim=1).flatten(0, 1)
 
 
@@ -216,13 +216,6 @@ class GroupAdvantages:
         rollout_flags = None if self.rollout is None else torch.zeros_like(self.rollout, dtype=torch.bool)
         label_flags = None if self.label is None else torch.ones_like(self.label, dtype=torch.bool)
         return stack_members(self.rollout, self.label), stack_members(rollout_flags, label_flags)
-
-
-def _check_step(step: int, total_steps: int) -> None:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total_steps:
-        raise ValueError(f"step must be an int in [0, {total_steps}), got {step!r}")
 
 
 def _zero_std_fraction(group_advantages: Tensor) -> float:
@@ -281,7 +274,8 @@ class Paradigm(ABC):
 
     def for_step(self, step: int, total_steps: int, cfg: ObjectiveConfig) -> Paradigm:
         """The paradigm in effect at optimizer step `step` of `total_steps` (0-based): this one, unless a schedule."""
-        _check_step(step, total_steps)
+        check_int("total_steps", total_steps, low=1)
+        check_int("step", step, low=0, high=total_steps, high_open=True)
         return self
 
     def stage_starts(self, total_steps: int, cfg: ObjectiveConfig) -> tuple[int, ...]:
@@ -296,51 +290,71 @@ class Paradigm(ABC):
         label = torch.ones(num_prompts, dtype=torch.bool) if self.needs_label else None
         return stack_members(rollout, label)
 
-    def _check_rewards_present(
+    def _validate_rewards(
         self, rollout_rewards: Tensor | None, label_rewards: Tensor | None, cfg: ObjectiveConfig
     ) -> None:
-        if self.needs_rollouts != (rollout_rewards is not None):
-            raise ValueError(f"rollout_rewards must be {'given' if self.needs_rollouts else 'None'} for {self.name}")
-        if self.needs_label != (label_rewards is not None):
-            raise ValueError(f"label_rewards must be {'given' if self.needs_label else 'None'} for {self.name}")
-        rollouts = self.rollouts_per_prompt(cfg)
-        if rollout_rewards is not None and (
-            not isinstance(rollout_rewards, Tensor) or rollout_rewards.ndim != 2 or rollout_rewards.shape[1] != rollouts
-        ):
-            got = (
-                str(tuple(rollout_rewards.shape))
-                if isinstance(rollout_rewards, Tensor)
-                else type(rollout_rewards).__name__
-            )
+        """The rewards `advantages` receives, checked once at that entry (the advantage functions below it trust
+        them): given iff the paradigm has those members; rollout [B, K] (K = `rollouts_per_prompt`) and label [B],
+        floating and finite (CPU tensors: the finiteness check reads them)."""
+        require(
+            self.needs_rollouts == (rollout_rewards is not None),
+            "rollout_rewards",
+            f"must be {'given' if self.needs_rollouts else 'None'} for {self.name}",
+        )
+        require(
+            self.needs_label == (label_rewards is not None),
+            "label_rewards",
+            f"must be {'given' if self.needs_label else 'None'} for {self.name}",
+        )
+        if rollout_rewards is not None:
+            rollouts = self.rollouts_per_prompt(cfg)
             expected = f"num_rollouts={cfg.num_rollouts}" + (" − 1" if rollouts != cfg.num_rollouts else "")
-            raise ValueError(f"rollout_rewards must have shape [B, {expected}], got {got}")
-        if label_rewards is not None and (
-            not isinstance(label_rewards, Tensor) or label_rewards.ndim != 1 or not label_rewards.is_floating_point()
-        ):
-            got = (
-                f"{label_rewards.dtype} {tuple(label_rewards.shape)}"
-                if isinstance(label_rewards, Tensor)
-                else label_rewards
+            check_rewards("rollout_rewards", rollout_rewards, ndim=2)
+            require(
+                rollout_rewards.shape[1] == rollouts,
+                "rollout_rewards",
+                f"must have shape [B, {expected}], got {tuple(rollout_rewards.shape)}",
             )
-            raise ValueError(f"label_rewards must be a floating-point [B] tensor, got {got!r}")
+        if label_rewards is not None:
+            check_rewards("label_rewards", label_rewards, ndim=1)
+        if rollout_rewards is not None and label_rewards is not None:
+            require(
+                label_rewards.shape[0] == rollout_rewards.shape[0],
+                "label_rewards",
+                f"must have one reward per group ({rollout_rewards.shape[0]}), got shape {tuple(label_rewards.shape)}",
+            )
 
-    def _check_members(self, is_label: Tensor, num_members: int, cfg: ObjectiveConfig, device: torch.device) -> Tensor:
-        """`is_label` checked against this paradigm's member order where it lies (on the CPU: no device sync), then
-        on `device`."""
-        if not isinstance(is_label, Tensor) or is_label.dtype != torch.bool or is_label.shape != (num_members,):
-            got = (
-                f"{is_label.dtype} {tuple(is_label.shape)}" if isinstance(is_label, Tensor) else type(is_label).__name__
-            )
-            raise ValueError(f"is_label must be a torch.bool tensor of shape ({num_members},), got {got}")
+    def _validate_loss_inputs(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        mask: Tensor,
+        advantages: Tensor,
+        is_label: Tensor,
+        cfg: ObjectiveConfig,
+        ref_logp: Tensor | None,
+    ) -> Tensor:
+        """The tensors `loss` receives, checked once at that entry (the loss functions below it trust them, and cfg's
+        scalars were checked by ObjectiveConfig): shapes and dtypes, free of device work, and `is_label` against this
+        paradigm's member order where it lies (on the CPU: no device sync). Returns is_label on logp's device."""
+        if ref_logp is None:
+            check_token_batch(logp, mask, old_logp=old_logp)
+            require(cfg.kl_coef == 0, "ref_logp", f"is required when kl_coef > 0 (kl_coef={cfg.kl_coef})")
+        else:
+            check_token_batch(logp, mask, old_logp=old_logp, ref_logp=ref_logp)
+        check_advantages(advantages, logp)
+        num_members = logp.shape[0]
+        check_tensor("is_label", is_label, dtype=torch.bool, shape=(num_members,))
         rollouts = self.rollouts_per_prompt(cfg)
         per_prompt = rollouts + self.needs_label
-        expected = self.member_is_label(num_members // per_prompt, cfg)
-        if num_members % per_prompt or not torch.equal(is_label.cpu(), expected):
-            raise ValueError(
-                f"is_label must follow {self.name}'s member order ({per_prompt} members per prompt: "
-                f"{rollouts} rollouts then {int(self.needs_label)} label)"
-            )
-        return is_label.to(device)
+        require(
+            num_members % per_prompt == 0
+            and torch.equal(is_label.cpu(), self.member_is_label(num_members // per_prompt, cfg)),
+            "is_label",
+            f"must follow {self.name}'s member order ({per_prompt} members per prompt: "
+            f"{rollouts} rollouts then {int(self.needs_label)} label)",
+        )
+        return is_label.to(logp.device)
 
     @staticmethod
     def _finish(
@@ -358,14 +372,18 @@ class Paradigm(ABC):
         if ref_logp is not None:
             rollouts = ~is_label
             kl = (
-                kl_penalty(logp[rollouts], ref_logp[rollouts], mask[rollouts], cfg.kl_kind, agg=cfg.agg)
+                _kl_penalty(
+                    logp[rollouts],
+                    ref_logp[rollouts],
+                    mask[rollouts],
+                    KL_ESTIMATORS[cfg.kl_kind],
+                    AGGREGATIONS[cfg.agg],
+                )
                 if rollouts.any()
                 else logp.new_zeros(())
             )
             loss = loss + cfg.kl_coef * kl
             metrics["kl"] = kl.item()
-        elif cfg.kl_coef > 0:
-            raise ValueError(f"ref_logp is required when kl_coef > 0 (kl_coef={cfg.kl_coef})")
         with torch.no_grad():
             member_is_label = is_label.unsqueeze(1)
             counted = mask.sum().clamp(min=1).double()
@@ -386,20 +404,16 @@ class SFT(Paradigm):
 
     def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
         """label_rewards [B] gives B and is reported as label_reward_mean; every label's advantage is 1."""
-        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
+        self._validate_rewards(rollout_rewards, label_rewards, cfg)
         label = torch.ones_like(label_rewards)
         metrics = {"label_reward_mean": label_rewards.double().mean().item(), "label_advantage_mean": 1.0}
         return GroupAdvantages(rollout=None, label=label, metrics=metrics)
 
     def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
         """`sft_loss` with cfg.agg; old_logp and advantages (all 1 by definition) are accepted for the common
-        signature and only shape-checked."""
-        loss = sft_loss(logp, mask, agg=cfg.agg)
-        for name, tensor, shape in (("old_logp", old_logp, logp.shape), ("advantages", advantages, logp.shape[:1])):
-            if not isinstance(tensor, Tensor) or tensor.shape != shape:
-                got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-                raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
-        is_label = self._check_members(is_label, logp.shape[0], cfg, logp.device)
+        signature and only checked."""
+        is_label = self._validate_loss_inputs(logp, old_logp, mask, advantages, is_label, cfg, ref_logp)
+        loss = _sft_loss(logp, mask, AGGREGATIONS[cfg.agg])
         return self._finish(loss, {"sft_loss": loss.item()}, logp, mask, is_label, cfg, ref_logp)
 
 
@@ -411,10 +425,8 @@ class RLVR(Paradigm):
     needs_label = False
 
     def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
-        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
-        rollout = group_advantages(
-            rollout_rewards, unbiased_std=cfg.unbiased_std, normalize_std=cfg.normalize_std, eps=cfg.eps
-        )
+        self._validate_rewards(rollout_rewards, label_rewards, cfg)
+        rollout = _group_advantages(rollout_rewards, cfg.unbiased_std, cfg.normalize_std, cfg.eps)
         metrics = {
             "rollout_reward_mean": rollout_rewards.double().mean().item(),
             "zero_std_fraction": _zero_std_fraction(rollout),
@@ -423,10 +435,10 @@ class RLVR(Paradigm):
 
     def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
         """`policy_loss` over all members (a label, where present, is a member with its own advantage and old_logp)."""
-        loss, metrics = policy_loss(
-            logp, old_logp, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg
+        is_label = self._validate_loss_inputs(logp, old_logp, mask, advantages, is_label, cfg, ref_logp)
+        loss, metrics = _policy_loss(
+            logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high, AGGREGATIONS[cfg.agg]
         )
-        is_label = self._check_members(is_label, logp.shape[0], cfg, logp.device)
         return self._finish(loss, {"pg_loss": loss.item(), **metrics}, logp, mask, is_label, cfg, ref_logp)
 
 
@@ -443,15 +455,16 @@ class ViSurf(RLVR):
         """Metrics: reward means (label before smoothing), label_advantage_mean, smoothing_condition_fraction (groups
         where the smoothing rule holds, whether or not smoothing is on), smoothing_fired_fraction (0 when smoothing is
         off), zero_std_fraction (groups whose G+1 advantages are all 0)."""
-        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
-        rollout, label = visurf_advantages(
+        self._validate_rewards(rollout_rewards, label_rewards, cfg)
+        check_label_pairing(rollout_rewards, label_rewards, smoothing_reference if cfg.smoothing else None)
+        rollout, label = _visurf_advantages(
             rollout_rewards,
             label_rewards,
-            smoothing=cfg.smoothing,
-            smoothing_reference=smoothing_reference,
-            unbiased_std=cfg.unbiased_std,
-            normalize_std=cfg.normalize_std,
-            eps=cfg.eps,
+            cfg.smoothing,
+            smoothing_reference,
+            cfg.unbiased_std,
+            cfg.normalize_std,
+            cfg.eps,
         )
         condition = smoothing_mask(*(smoothing_reference or (rollout_rewards, label_rewards)))
         fired = condition & cfg.smoothing
@@ -476,7 +489,8 @@ class SFTThenRLVR(Paradigm):
     needs_label = True
 
     def for_step(self, step, total_steps, cfg):
-        _check_step(step, total_steps)
+        check_int("total_steps", total_steps, low=1)
+        check_int("step", step, low=0, high=total_steps, high_open=True)
         return get_paradigm("sft") if step < self.switch_step(total_steps, cfg) else get_paradigm("rlvr")
 
     @staticmethod
@@ -491,11 +505,13 @@ class SFTThenRLVR(Paradigm):
 
     def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
         """Refused: ask `for_step` for the stage in effect."""
-        raise ValueError("paradigm 'sft_rlvr' is a schedule: call for_step(step, total_steps, cfg).advantages(...)")
+        raise ValidationError(
+            "paradigm 'sft_rlvr' is a schedule: call for_step(step, total_steps, cfg).advantages(...)"
+        )
 
     def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
         """Refused: ask `for_step` for the stage in effect."""
-        raise ValueError("paradigm 'sft_rlvr' is a schedule: call for_step(step, total_steps, cfg).loss(...)")
+        raise ValidationError("paradigm 'sft_rlvr' is a schedule: call for_step(step, total_steps, cfg).loss(...)")
 
 
 @register_paradigm("luffy")
@@ -532,9 +548,9 @@ class LUFFY(Paradigm):
     def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
         """rollout_rewards [B, G − 1], label_rewards [B] -> advantages over each group of G. Metrics: reward means,
         label_advantage_mean, zero_std_fraction (groups whose G rewards are all equal)."""
-        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
+        self._validate_rewards(rollout_rewards, label_rewards, cfg)
         rewards = torch.cat([rollout_rewards, label_rewards.to(rollout_rewards.dtype).unsqueeze(1)], dim=1)
-        group = group_advantages(rewards, unbiased_std=cfg.unbiased_std, normalize_std=cfg.normalize_std, eps=cfg.eps)
+        group = _group_advantages(rewards, cfg.unbiased_std, cfg.normalize_std, cfg.eps)
         metrics = {
             "rollout_reward_mean": rollout_rewards.double().mean().item(),
             "label_reward_mean": label_rewards.double().mean().item(),
@@ -546,20 +562,18 @@ class LUFFY(Paradigm):
     def loss(self, logp, old_logp, mask, advantages, is_label, cfg, *, ref_logp=None):
         """The clipped surrogate on rollout tokens and −Â·π/(π + γ) on label tokens, one aggregation (cfg.agg); the
         label's old_logp is not used."""
-        clipped_values, clipped = clipped_surrogate(
-            logp, old_logp, advantages, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high
-        )
-        is_label = self._check_members(is_label, logp.shape[0], cfg, logp.device)
+        is_label = self._validate_loss_inputs(logp, old_logp, mask, advantages, is_label, cfg, ref_logp)
+        clipped_values, clipped = _clipped_surrogate(logp, old_logp, advantages, cfg.clip_low, cfg.clip_high)
         label_tokens = is_label.unsqueeze(1)
         member_advantages = advantages.to(logp.dtype)
         if member_advantages.ndim == 1:
             member_advantages = member_advantages.unsqueeze(1)
         if cfg.luffy_shaping:
-            shaped = policy_shaping(logp, cfg.luffy_gamma)
+            shaped = _policy_shaping(logp, cfg.luffy_gamma)
         else:  # value 1, gradient ∇log π: the unshaped off-policy term (objective.luffy_shaping)
             shaped = torch.exp(logp - logp.detach())
         values = torch.where(label_tokens, -member_advantages * shaped, clipped_values)
-        loss = get_aggregation(cfg.agg)(values, mask)
+        loss = AGGREGATIONS[cfg.agg](values, mask)
         rollout_mask, label_mask = mask & ~label_tokens, mask & label_tokens
         with torch.no_grad():
             probability = logp.exp()
@@ -612,7 +626,8 @@ class CHORD(Paradigm):
     @staticmethod
     def mu_at(step: int, total_steps: int, cfg: ObjectiveConfig) -> float:
         """μ at 0-based optimizer step `step` of `total_steps`: the cosine from chord_mu_start to chord_mu_end."""
-        _check_step(step, total_steps)
+        check_int("total_steps", total_steps, low=1)
+        check_int("step", step, low=0, high=total_steps, high_open=True)
         progress = step / (total_steps - 1) if total_steps > 1 else 0.0
         return cfg.chord_mu_end + (cfg.chord_mu_start - cfg.chord_mu_end) * (1 + math.cos(math.pi * progress)) / 2
 
@@ -622,10 +637,8 @@ class CHORD(Paradigm):
     def advantages(self, rollout_rewards, label_rewards, cfg, *, smoothing_reference=None):
         """GRPO advantages over the G rollouts; every label's advantage is 1. Metrics: reward means,
         zero_std_fraction (groups whose G rollout rewards are all equal)."""
-        self._check_rewards_present(rollout_rewards, label_rewards, cfg)
-        rollout = group_advantages(
-            rollout_rewards, unbiased_std=cfg.unbiased_std, normalize_std=cfg.normalize_std, eps=cfg.eps
-        )
+        self._validate_rewards(rollout_rewards, label_rewards, cfg)
+        rollout = _group_advantages(rollout_rewards, cfg.unbiased_std, cfg.normalize_std, cfg.eps)
         metrics = {
             "rollout_reward_mean": rollout_rewards.double().mean().item(),
             "label_reward_mean": label_rewards.double().mean().item(),
@@ -637,21 +650,20 @@ class CHORD(Paradigm):
         """(1 − μ)·`policy_loss`(rollouts) + μ·`sft_loss`(labels, φ-weighted for CHORD-φ); labels' advantages and
         old_logp are not used."""
         if self.mu is None:
-            raise ValueError(
+            raise ValidationError(
                 "paradigm 'chord' weighs its terms by μ at a step: call for_step(step, total_steps, cfg).loss(...)"
             )
-        if not isinstance(logp, Tensor) or logp.ndim != 2:
-            raise ValueError(f"logp must be a floating-point [N, T] tensor, got {type(logp).__name__}")
-        is_label = self._check_members(is_label, logp.shape[0], cfg, logp.device)
+        is_label = self._validate_loss_inputs(logp, old_logp, mask, advantages, is_label, cfg, ref_logp)
         rollouts = ~is_label
-        pg_loss, metrics = policy_loss(
+        aggregate = AGGREGATIONS[cfg.agg]
+        pg_loss, metrics = _policy_loss(
             logp[rollouts],
             old_logp[rollouts],
             advantages[rollouts],
             mask[rollouts],
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            agg=cfg.agg,
+            cfg.clip_low,
+            cfg.clip_high,
+            aggregate,
         )
         label_logp, label_mask = logp[is_label], mask[is_label]
         phi = None
@@ -659,7 +671,7 @@ class CHORD(Paradigm):
             probability = label_logp.detach().exp()
             phi = probability * (1 - probability)
             metrics["label_phi_mean"] = masked_mean(phi, label_mask).item()
-        sft = sft_loss(label_logp, label_mask, agg=cfg.agg, token_weight=phi)
+        sft = _sft_loss(label_logp, label_mask, aggregate, phi)
         loss = (1 - self.mu) * pg_loss + self.mu * sft
         metrics |= {"pg_loss": pg_loss.item(), "sft_loss": sft.item(), "chord_mu": self.mu}
         return self._finish(loss, metrics, logp, mask, is_label, cfg, ref_logp)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from visurf_ray.rewards import anomaly, count, grounding, gui_point, thinking_format
 from visurf_ray.rewards.geometry import Box, Point
 from visurf_ray.rewards.item_metrics import ItemMetric
+from visurf_ray.validation import ValidationError, require
 
 
 class Task(Protocol):
@@ -106,12 +107,11 @@ TASKS: dict[str, Task] = {}
 def register_task(task: Task) -> Task:
     """Add the task module `task` to TASKS under its NAME; ValueError naming what is missing or taken. Returns it."""
     missing = [name for name in TASK_MEMBERS if not hasattr(task, name)]
-    if missing:
-        raise ValueError(f"task {getattr(task, 'NAME', task)!r} lacks {missing} (see visurf_ray.rewards.Task)")
-    if task.NAME in TASKS:
-        raise ValueError(f"task {task.NAME!r} is already registered")
-    if task.HEADLINE not in task.METRICS:
-        raise ValueError(f"headline {task.HEADLINE!r} of task {task.NAME!r} is not one of its METRICS")
+    require(not missing, f"task {getattr(task, 'NAME', task)!r}", f"lacks {missing} (see visurf_ray.rewards.Task)")
+    require(task.NAME not in TASKS, f"task {task.NAME!r}", "is already registered")
+    require(
+        task.HEADLINE in task.METRICS, f"headline {task.HEADLINE!r} of task {task.NAME!r}", "is not one of its METRICS"
+    )
     TASKS[task.NAME] = task
     return task
 
@@ -125,7 +125,7 @@ register_task(count)
 def get_task(name: str) -> Task:
     """The task registered as `name`; ValueError naming the unknown task and the known ones."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
+        raise ValidationError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
     return TASKS[name]
 
 

@@ -34,6 +34,7 @@ from visurf_ray.rewards.answer import extract_answer, parse_json_answer, require
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
 from visurf_ray.rewards.geometry import IOU_THRESHOLD, Box, Point, as_box, box_iou, validate_image_size
 from visurf_ray.rewards.item_metrics import ItemMetric, no_dataset_metrics
+from visurf_ray.validation import ValidationError
 
 NAME = "anomaly"
 ANSWER_FORMAT = '{"defect": true, "bbox_2d": [...]} or {"defect": false}'
@@ -57,15 +58,15 @@ def parse_solution(solution: str) -> tuple[bool, Box | None]:
     """(defect present, its box in pixels or None) of an anomaly solution; ValueError naming `solution`."""
     value = parse_json_answer(require_str(solution, "solution"))
     if not isinstance(value, dict) or not isinstance(value.get("defect"), bool):
-        raise ValueError(f"solution must be a JSON object with a boolean 'defect', got {solution[:200]!r}")
+        raise ValidationError(f"solution must be a JSON object with a boolean 'defect', got {solution[:200]!r}")
     unknown = set(value) - set(CANONICAL_KEY_ORDER)
     if unknown:
-        raise ValueError(f"solution has unknown keys {sorted(unknown)}: {solution[:200]!r}")
+        raise ValidationError(f"solution has unknown keys {sorted(unknown)}: {solution[:200]!r}")
     if "bbox_2d" not in value:
         return value["defect"], None
     box = as_box(value["bbox_2d"])
     if not value["defect"] or box is None:
-        raise ValueError(f"solution bbox_2d must be a valid [x1, y1, x2, y2] given with defect true: {value!r}")
+        raise ValidationError(f"solution bbox_2d must be a valid [x1, y1, x2, y2] given with defect true: {value!r}")
     return True, box
 
 

@@ -8,14 +8,16 @@ import json
 import math
 from typing import Any, TypeGuard
 
+from visurf_ray.validation import check_type
+
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
 
 
 def require_str(value: object, name: str) -> str:
     """Return `value` unchanged if it is a str; otherwise raise a ValueError naming the argument `name`."""
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a str, got {type(value).__name__}")
+    check_type(name, value, str, "a str")
+    assert isinstance(value, str)
     return value
 
 

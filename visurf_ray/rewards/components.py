@@ -10,6 +10,7 @@ in [0, 1]) and `accuracy` (task-specific, in [0, ACCURACY_MAX]).
 from collections.abc import Mapping
 
 from visurf_ray.rewards import non_repeat, thinking_format
+from visurf_ray.validation import require
 
 COMPONENT_NAMES = ("thinking_format", "non_repeat", "answer_format", "accuracy")
 FORMAT_MAX = 3.0
@@ -34,6 +35,5 @@ def accuracy_at_least_half(components: Mapping[str, float], accuracy_max: float)
     Grounding (max 3) succeeds with e.g. IoU > 0.5 and box L1 below threshold on every object; 0/1 tasks succeed
     exactly when correct. A group whose members all fail is an "all-fail group".
     """
-    if "accuracy" not in components:
-        raise ValueError(f"components has no 'accuracy' entry (keys: {sorted(components)})")
+    require("accuracy" in components, "components", f"has no 'accuracy' entry (keys: {sorted(components)})")
     return components["accuracy"] >= accuracy_max / 2

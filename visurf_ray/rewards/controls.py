@@ -32,6 +32,7 @@ from typing import Any
 from visurf_ray.rewards import get_task
 from visurf_ray.rewards.answer import ANSWER_OPEN, find_answer_span, is_finite_number, parse_json_answer
 from visurf_ray.rewards.thinking_format import THINK_CLOSE
+from visurf_ray.validation import check_int, check_type, require
 
 _SEPARATOR_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|([,:])(\s*)', re.DOTALL)
 
@@ -55,14 +56,23 @@ class AnswerStyle:
     wrapped: bool = False
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r",[ ]*", self.item_separator):
-            raise ValueError(f"item_separator must be ',' followed by spaces, got {self.item_separator!r}")
-        if not re.fullmatch(r":[ ]*", self.key_separator):
-            raise ValueError(f"key_separator must be ':' followed by spaces, got {self.key_separator!r}")
-        if self.decimals is not None and (isinstance(self.decimals, bool) or not 0 <= self.decimals):
-            raise ValueError(f"decimals must be None or a non-negative int, got {self.decimals!r}")
-        if self.think_answer_separator.strip():
-            raise ValueError(f"think_answer_separator must be whitespace, got {self.think_answer_separator!r}")
+        require(
+            re.fullmatch(r",[ ]*", self.item_separator),
+            "item_separator",
+            f"must be ',' followed by spaces, got {self.item_separator!r}",
+        )
+        require(
+            re.fullmatch(r":[ ]*", self.key_separator),
+            "key_separator",
+            f"must be ':' followed by spaces, got {self.key_separator!r}",
+        )
+        if self.decimals is not None:
+            check_int("decimals", self.decimals, low=0, note="(or None)")
+        require(
+            not self.think_answer_separator.strip(),
+            "think_answer_separator",
+            f"must be whitespace, got {self.think_answer_separator!r}",
+        )
 
 
 def canonical_style(task: str) -> AnswerStyle:
@@ -117,8 +127,7 @@ def detect_style(task: str, completions: Sequence[str]) -> AnswerStyle:
     canonical = canonical_style(task)
     votes: dict[str, list[Hashable]] = {style_field.name: [] for style_field in fields(AnswerStyle)}
     for index, completion in enumerate(completions):
-        if not isinstance(completion, str):
-            raise ValueError(f"completions[{index}] must be a str, got {type(completion).__name__}")
+        check_type(f"completions[{index}]", completion, str, "a str")
         span = find_answer_span(completion)
         if span is None:
             continue
@@ -182,8 +191,7 @@ def label_completion(
     reasoning: a reasoning trace to put in the label's think block (ViSurf's labels have none: None). With
         align=False it adds `<think>{reasoning}</think>` before the raw answer.
     """
-    if reasoning is not None and not isinstance(reasoning, str):
-        raise ValueError(f"reasoning must be a str or None, got {type(reasoning).__name__}")
+    check_type("reasoning", reasoning, (str, type(None)), "a str or None")
     think = "" if reasoning is None else f"<think>{reasoning}</think>"
     if not align:
         get_task(task).parse_solution(solution)
@@ -199,8 +207,7 @@ def eliminate_thinking_reward(components: Mapping[str, float]) -> dict[str, floa
     components: a verifier's output ({"thinking_format", ..., "overall"}); ValueError if either key is missing.
     """
     for name in ("thinking_format", "overall"):
-        if name not in components:
-            raise ValueError(f"components has no {name!r} entry (keys: {sorted(components)})")
+        require(name in components, "components", f"has no {name!r} entry (keys: {sorted(components)})")
     eliminated = {name: float(value) for name, value in components.items() if name != "overall"}
     eliminated["thinking_format"] = 0.0
     eliminated["overall"] = sum(eliminated.values())

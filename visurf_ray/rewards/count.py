@@ -35,6 +35,7 @@ from visurf_ray.rewards.answer import ANSWER_CLOSE, ANSWER_OPEN, extract_answer,
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
 from visurf_ray.rewards.geometry import Box, Point, validate_image_size
 from visurf_ray.rewards.item_metrics import SLICE_ALL, ItemMetric, no_dataset_metrics
+from visurf_ray.validation import ValidationError
 
 NAME = "count"
 ANSWER_FORMAT = "\\boxed{n}"
@@ -79,10 +80,12 @@ def parse_solution(solution: str) -> str:
     """The answer text of a count/math solution (unboxed, stripped); ValueError naming `solution`."""
     text = require_str(solution, "solution")
     if ANSWER_OPEN in text or ANSWER_CLOSE in text:
-        raise ValueError(f"solution must not contain answer tags, got {text[:200]!r}")
+        raise ValidationError(f"solution must not contain answer tags, got {text[:200]!r}")
     answer = unbox(text.strip())
     if answer is None or normalise(answer) == "":
-        raise ValueError(f"solution must be a non-empty answer (balanced \\boxed{{…}} if boxed), got {text[:200]!r}")
+        raise ValidationError(
+            f"solution must be a non-empty answer (balanced \\boxed{{…}} if boxed), got {text[:200]!r}"
+        )
     return answer.strip()
 
 

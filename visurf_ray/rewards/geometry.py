@@ -19,6 +19,7 @@ from numbers import Integral
 import numpy as np
 
 from visurf_ray.rewards.answer import is_finite_number
+from visurf_ray.validation import ValidationError
 
 REFERENCE_IMAGE_SIDE = 840
 """Image side (pixels) at which the paper's pixel thresholds are stated."""
@@ -44,7 +45,9 @@ def validate_image_size(image_size: object) -> tuple[int, int] | None:
         or len(image_size) != 2
         or not all(isinstance(side, Integral) and not isinstance(side, bool) and int(side) > 0 for side in image_size)
     ):
-        raise ValueError(f"image_size must be None or (width, height), two positive ints in pixels: {image_size!r}")
+        raise ValidationError(
+            f"image_size must be None or (width, height), two positive ints in pixels, got {image_size!r}"
+        )
     return int(image_size[0]), int(image_size[1])
 
 
@@ -113,7 +116,7 @@ def box_mask(boxes: Sequence[Box], image_size: tuple[int, int]) -> np.ndarray:
     """
     size = validate_image_size(image_size)
     if size is None:
-        raise ValueError("image_size is required to render box masks")
+        raise ValidationError("image_size is required to render box masks")
     width, height = size
     mask = np.zeros((height, width), dtype=bool)
     for x1, y1, x2, y2 in boxes:

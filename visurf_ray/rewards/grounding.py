@@ -66,6 +66,7 @@ from visurf_ray.rewards.geometry import (
     point_in_box,
 )
 from visurf_ray.rewards.item_metrics import ItemMetric
+from visurf_ray.validation import ValidationError
 
 NAME = "grounding"
 ANSWER_FORMAT = '[{"bbox_2d": [...], "point_2d": [...]}] or []'
@@ -102,16 +103,20 @@ def parse_solution(solution: str) -> list[tuple[Box, Point]]:
     """
     value = parse_json_answer(require_str(solution, "solution"))
     if not isinstance(value, list):
-        raise ValueError(f"solution must be a JSON array of objects, got {solution[:200]!r}")
+        raise ValidationError(f"solution must be a JSON array of objects, got {solution[:200]!r}")
     objects = []
     for index, item in enumerate(value):
         if not isinstance(item, dict) or set(item) != SOLUTION_KEYS:
-            raise ValueError(f"solution item {index} must be an object with keys bbox_2d and point_2d, got {item!r}")
+            raise ValidationError(
+                f"solution item {index} must be an object with keys bbox_2d and point_2d, got {item!r}"
+            )
         box, point = as_box(item["bbox_2d"]), as_point(item["point_2d"])
         if box is None:
-            raise ValueError(f"solution item {index}: bbox_2d must be [x1, y1, x2, y2] with x1<=x2, y1<=y2: {item!r}")
+            raise ValidationError(
+                f"solution item {index}: bbox_2d must be [x1, y1, x2, y2] with x1<=x2, y1<=y2: {item!r}"
+            )
         if point is None or not point_in_box(point, box):
-            raise ValueError(f"solution item {index}: point_2d must be [x, y] inside bbox_2d: {item!r}")
+            raise ValidationError(f"solution item {index}: point_2d must be [x, y] inside bbox_2d: {item!r}")
         objects.append((box, point))
     return objects
 

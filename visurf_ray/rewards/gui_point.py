@@ -31,6 +31,7 @@ from visurf_ray.rewards.answer import extract_answer, parse_json_answer, require
 from visurf_ray.rewards.components import FORMAT_MAX, accuracy_at_least_half, task_components
 from visurf_ray.rewards.geometry import Box, Point, as_box, as_point, point_in_box, validate_image_size
 from visurf_ray.rewards.item_metrics import SLICE_ALL, ItemMetric, no_dataset_metrics
+from visurf_ray.validation import ValidationError
 
 NAME = "gui_point"
 ANSWER_FORMAT = '[{"bbox_2d": [...], "point_2d": [...]}]'
@@ -49,15 +50,15 @@ def parse_solution(solution: str) -> tuple[Box, Point]:
     """The target box and reference click point (pixels) of a gui_point solution; ValueError naming `solution`."""
     value = parse_json_answer(require_str(solution, "solution"))
     if not isinstance(value, list) or len(value) != 1:
-        raise ValueError(f"solution must be a JSON array with exactly one object, got {solution[:200]!r}")
+        raise ValidationError(f"solution must be a JSON array with exactly one object, got {solution[:200]!r}")
     item = value[0]
     if not isinstance(item, dict) or set(item) != SOLUTION_KEYS:
-        raise ValueError(f"solution item must be an object with keys bbox_2d and point_2d, got {item!r}")
+        raise ValidationError(f"solution item must be an object with keys bbox_2d and point_2d, got {item!r}")
     box, point = as_box(item["bbox_2d"]), as_point(item["point_2d"])
     if box is None:
-        raise ValueError(f"solution bbox_2d must be [x1, y1, x2, y2] with x1<=x2, y1<=y2, got {item['bbox_2d']!r}")
+        raise ValidationError(f"solution bbox_2d must be [x1, y1, x2, y2] with x1<=x2, y1<=y2, got {item['bbox_2d']!r}")
     if point is None or not point_in_box(point, box):
-        raise ValueError(f"solution point_2d must be [x, y] inside bbox_2d, got {item!r}")
+        raise ValidationError(f"solution point_2d must be [x, y] inside bbox_2d, got {item!r}")
     return box, point
 
 

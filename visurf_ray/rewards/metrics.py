@@ -16,6 +16,7 @@ from visurf_ray.rewards import get_task, score, thinking_format
 from visurf_ray.rewards.components import COMPONENT_NAMES
 from visurf_ray.rewards.geometry import REFERENCE_IMAGE_SIDE, validate_image_size
 from visurf_ray.rewards.item_metrics import ItemMetric
+from visurf_ray.validation import ValidationError, require
 
 DEFAULT_IMAGE_SIZE = (REFERENCE_IMAGE_SIDE, REFERENCE_IMAGE_SIDE)
 """(width, height) in pixels used when a sample's image size is not given: the paper's 840×840 input."""
@@ -51,14 +52,13 @@ def item_values(
     values (its `item_values`). Raises ValueError for N = 0, mismatched lengths, an unknown task, or a malformed
     solution or image size (naming its index)."""
     definition = get_task(task)
-    if len(completions) == 0:
-        raise ValueError("completions is empty: no metrics to compute")
+    require(len(completions) > 0, "completions", "is empty: no metrics to compute")
     sizes = [None] * len(completions) if image_sizes is None else list(image_sizes)
-    if not len(completions) == len(solutions) == len(sizes):
-        raise ValueError(
-            f"completions, solutions and image_sizes differ in length: {len(completions)}, {len(solutions)}, "
-            f"{len(sizes)}"
-        )
+    require(
+        len(completions) == len(solutions) == len(sizes),
+        "completions, solutions and image_sizes",
+        f"differ in length: {len(completions)}, {len(solutions)}, {len(sizes)}",
+    )
     rows = []
     for index, (completion, solution, size) in enumerate(zip(completions, solutions, sizes)):
         try:
@@ -72,7 +72,7 @@ def item_values(
             }
             row.update(definition.item_values(completion, solution, grid, components))
         except ValueError as error:
-            raise ValueError(f"sample {index}: {error}") from error
+            raise ValidationError(f"sample {index}: {error}") from error
         rows.append(row)
     return rows
 
@@ -85,8 +85,7 @@ def reported_metrics(task: str) -> dict[str, ItemMetric]:
 def summarise(task: str, rows: Sequence[Mapping[str, float]], slices: Sequence[str]) -> dict[str, float]:
     """The reported metrics of `task` (reported_metrics, plus "score" = its headline) from N items' `item_values`
     rows and their N slices. NaN where a metric's slice has no items; metrics of values the rows lack are left out."""
-    if len(rows) != len(slices):
-        raise ValueError(f"rows and slices differ in length: {len(rows)} and {len(slices)}")
+    require(len(rows) == len(slices), "rows and slices", f"differ in length: {len(rows)} and {len(slices)}")
     metrics = {
         name: metric.compute([row[metric.value] for row in rows], slices)
         for name, metric in reported_metrics(task).items()

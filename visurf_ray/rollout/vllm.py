@@ -34,6 +34,7 @@ from visurf_ray.models.generation import Rollouts, suppressed_token_ids
 from visurf_ray.models.inputs import PromptBatch, chat_prompt
 from visurf_ray.models.policy import VIDEO_PROCESSOR_CONFIG, Policy
 from visurf_ray.rollout.base import SamplingConfig
+from visurf_ray.validation import ValidationError, check_int, require
 
 SLEEP_LEVEL = 2  # drop the engine's weights while asleep (no CPU copy): every generate loads all of them anyway
 VLLM_MISSING = (
@@ -132,13 +133,11 @@ class VLLMRolloutBackend:
                 f"{policy.device.type!r}; install the vLLM build for this device (CUDA: the `gpu` extra; CPU: "
                 "scripts/venv-vllm.sh) or use rollout.backend=hf"
             )
-        if kv_cache_bytes <= 0:
-            raise ValueError(f"kv_cache_bytes must be > 0, got {kv_cache_bytes}")
+        check_int("kv_cache_bytes", kv_cache_bytes, low=1, note="(bytes)")
         folder = Path(model_path)
-        if not folder.is_dir():
-            raise ValueError(f"model_path={str(model_path)!r} is not a checkpoint folder")
+        require(folder.is_dir(), f"model_path={str(model_path)!r}", "is not a checkpoint folder")
         if not any((folder / name).is_file() for name in (VIDEO_PROCESSOR_CONFIG, "preprocessor_config.json")):
-            raise ValueError(
+            raise ValidationError(
                 f"{folder} has no {VIDEO_PROCESSOR_CONFIG} (nor preprocessor_config.json), which vLLM's Qwen2.5-VL "
                 "processor needs; folders written by Policy.save_pretrained have it: re-save this one with "
                 "load_policy(folder).save_pretrained(folder)"
@@ -212,13 +211,12 @@ class VLLMRolloutBackend:
         """
         from vllm import SamplingParams
 
-        if len(images) != len(prompt_batch) or len(questions) != len(prompt_batch):
-            raise ValueError(
-                f"images ({len(images)}) and questions ({len(questions)}) must hold one entry per prompt "
-                f"({len(prompt_batch)})"
-            )
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        require(
+            len(images) == len(prompt_batch) and len(questions) == len(prompt_batch),
+            f"images ({len(images)}) and questions ({len(questions)})",
+            f"must hold one entry per prompt ({len(prompt_batch)})",
+        )
+        check_int("n", n, low=1)
         requests = [
             {"prompt": chat_prompt(self.policy, question), "multi_modal_data": {"image": image}}
             for image, question in zip(images, questions)

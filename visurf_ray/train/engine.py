@@ -19,6 +19,7 @@ import torch.distributed as dist
 from visurf_ray.config import DeepSpeedConfig, OptimConfig
 from visurf_ray.locks import exclusive_lock
 from visurf_ray.train.schedules import StagedSchedule
+from visurf_ray.validation import ValidationError
 
 DEEPSPEED_TAG = "engine"
 """`Engine.save`'s DeepSpeed checkpoint tag: the subfolder of the checkpoint folder DeepSpeed writes into."""
@@ -150,14 +151,14 @@ def load_saved_weights(module: torch.nn.Module, folder: str | Path) -> None:
     folder = Path(folder)
     files = [folder / name for name in (DEEPSPEED_MODEL_STATES, TORCH_ENGINE_FILE) if (folder / name).is_file()]
     if not files:
-        raise ValueError(f"checkpoint {folder} holds neither {DEEPSPEED_MODEL_STATES} nor {TORCH_ENGINE_FILE}")
+        raise ValidationError(f"checkpoint {folder} holds neither {DEEPSPEED_MODEL_STATES} nor {TORCH_ENGINE_FILE}")
     state = torch.load(files[0], map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or "module" not in state:
-        raise ValueError(f"{files[0]} has no 'module' state dict")
+        raise ValidationError(f"{files[0]} has no 'module' state dict")
     try:
         module.load_state_dict(state["module"])
     except RuntimeError as error:
-        raise ValueError(f"{files[0]} does not match the module (a ZeRO-3 checkpoint?): {error}") from error
+        raise ValidationError(f"{files[0]} does not match the module (a ZeRO-3 checkpoint?): {error}") from error
 
 
 def load_cpu_communication_op() -> None:

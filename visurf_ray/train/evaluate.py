@@ -20,6 +20,7 @@ from visurf_ray.models.inputs import completion_logprobs, encode_prompts, encode
 from visurf_ray.models.policy import Policy
 from visurf_ray.rewards import get_task
 from visurf_ray.rewards.metrics import item_values, solution_slice, summarise
+from visurf_ray.validation import require
 
 EVAL_BATCH = 64  # prompts per generate call (measured on the tiny model: 64 decodes 192 items 17% faster than 32)
 ANSWER_OPEN = "<answer>"
@@ -113,8 +114,7 @@ def evaluate(
     items: list[dict] = []
     for name, samples in eval_sets.items():
         tasks = {s.task for s in samples}
-        if len(tasks) != 1:
-            raise ValueError(f"eval set {name!r} mixes tasks {sorted(tasks)}; an eval set holds one task")
+        require(len(tasks) == 1, f"eval set {name!r}", f"mixes tasks {sorted(tasks)}; an eval set holds one task")
         label = name.removeprefix("eval/")
         rows = _set_rows(policy, label, samples[rank::world_size], max_new_tokens)
         if world_size > 1:

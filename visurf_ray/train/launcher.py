@@ -59,8 +59,10 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir).resolve() / cfg.name
 
 
-def torch_trainer(cfg: ExperimentConfig, *, callbacks: list | None = None):
-    """A TorchTrainer running `cfg` on `ray.num_workers` workers (DeepSpeed inside each worker)."""
+def torch_trainer(cfg: ExperimentConfig, *, callbacks: list | None = None, storage_path: str | None = None, loop=None):
+    """A TorchTrainer running `cfg` on `ray.num_workers` workers (DeepSpeed inside each worker). `storage_path`:
+    Train's storage (a folder or a URI; default `cfg.output_dir`); `loop`: the per-worker function (default
+    `train_loop_per_worker`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -71,7 +73,7 @@ def torch_trainer(cfg: ExperimentConfig, *, callbacks: list | None = None):
         if k in os.environ
     }
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -79,7 +81,7 @@ def torch_trainer(cfg: ExperimentConfig, *, callbacks: list | None = None):
         ),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=str(Path(cfg.output_dir).resolve()),
+            storage_path=storage_path or str(Path(cfg.output_dir).resolve()),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -90,13 +92,13 @@ def torch_trainer(cfg: ExperimentConfig, *, callbacks: list | None = None):
 
 
 def init_ray(address: str = "") -> None:
-    """Join `address` (or RAY_ADDRESS / "auto") or start a local cluster bound to 127.0.0.1."""
+    """Join `address` (or RAY_ADDRESS / "auto") or start a local cluster bound to 127.0.0.1 (also for "local")."""
     import ray
 
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS", "")
-    if target:
+    if target and target != "local":
         ray.init(address=target, log_to_driver=True)
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)

@@ -31,6 +31,7 @@ from visurf_ray.train.evaluate import Evaluation, evaluate
 from visurf_ray.train.models import model_dir
 from visurf_ray.train.sinks import MetricSinks, RunIdentity
 from visurf_ray.train.trainer import Trainer
+from visurf_ray.validation import require
 
 TRAINER_STATE = "trainer_state.json"
 EVAL_ITEMS = "eval_items.jsonl"
@@ -117,8 +118,11 @@ def batch_for_step(
 ) -> list[Sample]:
     """This worker's share of step `step`'s prompts: epoch-wise seeded shuffles of `dataset`, the global batch of
     `per_step` prompts split into contiguous per-rank shards."""
-    if per_step % world_size:
-        raise ValueError(f"data.prompts_per_step={per_step} must be divisible by ray.num_workers={world_size}")
+    require(
+        per_step % world_size == 0,
+        f"data.prompts_per_step={per_step}",
+        f"must be divisible by ray.num_workers={world_size}",
+    )
     local = per_step // world_size
     first = step * per_step + rank * local
     picked = []

@@ -12,6 +12,9 @@ any post-training. Classes are balanced (chance 0.5); a concept counts as visibl
     the same image — balanced accuracy of "0" against absence: asked in a form it was taught, does it see it?
   - "no_object_prompt": a linear probe on the language model's last hidden state at the grounding prompt's last token
     (diagnostic: whether the grounding question itself already carries it).
+  - "no_object_image_per_look" (diagnostic: does the vision tower carry the look at all?): for each pretraining
+    colour × shape, a linear probe on the image tokens max-pooled over positions, present vs absent, on items that
+    ask for that look; the mean over the looks. With the query fixed, this reads only what the image shows.
   - "query_binding" (diagnostic, the prerequisite of both): on two-object "Find the <colour> <shape>." items, of the
     greedy answers whose first box finds one of the two objects (IoU > 0.5), the share that finds the queried one.
     A model that localises objects without reading which one was asked scores chance, and then cannot tell whether
@@ -36,7 +39,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from visurf_ray.data.benchmark import SEEN_COLOURS, iter_split
+from visurf_ray.data.benchmark import SEEN_COLOURS, SHAPES, iter_split
 from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
 from visurf_ray.models.inputs import encode_prompts, image_features, prompt_states
@@ -116,6 +119,27 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, 
     return float(cross_val_score(probe, features, labels, cv=splits, scoring="accuracy").mean())
 
 
+def look_presence_accuracy(policy: Policy, per_class: int, seed: int = 0) -> float:
+    """Mean over the pretraining colour × shape looks of a probe's held-out accuracy on "is the asked look in the
+    image?" from the image tokens max-pooled over positions, `per_class` no-object and single-object items per look."""
+    hidden = policy.model.config.get_text_config().hidden_size
+    accuracies = []
+    for colour, shape in itertools.product(SEEN_COLOURS, SHAPES):
+        absent, present = (_items_asking(colour, shape, side, per_class, seed) for side in ("positive", "negative"))
+        labels = np.array([1] * per_class + [0] * per_class)
+        image = probe_features(policy, absent + present)["image"].reshape(2 * per_class, -1, hidden)
+        accuracies.append(probe_accuracy(image.max(axis=1), labels, seed=seed))
+    return float(np.mean(accuracies))
+
+
+def _items_asking(colour: str, shape: str, side: str, count: int, seed: int) -> list[Sample]:
+    """The first `count` items of the no-object concept's `side` ("positive": absent, "negative": present) whose
+    query asks for `colour` `shape`."""
+    accepts = getattr(CONCEPTS["no_object"], side)
+    where = lambda m: accepts(m) and m["attribute"] == colour and m["shape"] == shape  # noqa: E731
+    return list(itertools.islice(iter_split(CONCEPTS["no_object"].split, seed, where=where), count))
+
+
 def count_question(sample: Sample) -> Sample:
     """A single-object grounding item asked as a count question about the same look on the same image."""
     question = f"How many {sample.meta['attribute']} {sample.meta['shape']}s are there?"
@@ -157,10 +181,11 @@ def two_object_queries(count: int, seed: int = 0) -> list[Sample]:
 
 
 def perception_checks(
-    policy: Policy, *, per_class: int = 100, seed: int = 0, max_new_tokens: int = 128
+    policy: Policy, *, per_class: int = 100, per_look: int = 100, seed: int = 0, max_new_tokens: int = 128
 ) -> dict[str, float]:
     """Every check's accuracy by name (module docstring): probes `<concept>_<features>` for every feature set a
-    concept reads, "no_object_count_answer", and "query_binding" on 2 · `per_class` items."""
+    concept reads, "no_object_count_answer", "no_object_image_per_look" on `per_look` items per class and look, and
+    "query_binding" on 2 · `per_class` items."""
     results = {}
     for name, concept in CONCEPTS.items():
         samples, labels = concept_samples(concept, per_class, seed)
@@ -169,6 +194,7 @@ def perception_checks(
             results[f"{name}_{reads}"] = probe_accuracy(features[reads], labels, seed=seed)
         if name == "no_object":
             results["no_object_count_answer"] = count_answer_accuracy(policy, samples, labels, max_new_tokens)
+            results["no_object_image_per_look"] = look_presence_accuracy(policy, per_look, seed)
     from visurf_ray.train.evaluate import greedy_answers
 
     queries = two_object_queries(2 * per_class, seed)

@@ -52,6 +52,7 @@ from visurf_ray.rewards.grounding import mask_overlap
 from visurf_ray.train import schedules
 from visurf_ray.train.evaluate import evaluate, greedy_answers
 from visurf_ray.train.step import length_groups
+from visurf_ray.validation import check_choice, check_int, check_number, check_type, require
 
 RECIPE_VERSION = 5
 """Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
@@ -78,16 +79,14 @@ class CurriculumStage:
 
     def __post_init__(self):
         object.__setattr__(self, "kinds", tuple(self.kinds))
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"CurriculumStage.steps must be a positive int, got {self.steps!r}")
-        if not isinstance(self.max_objects, int) or self.max_objects < 1:
-            raise ValueError(f"CurriculumStage.max_objects must be a positive int, got {self.max_objects!r}")
+        check_int("CurriculumStage.steps", self.steps, low=1)
+        check_int("CurriculumStage.max_objects", self.max_objects, low=1)
         unknown = [kind for kind in self.kinds if kind not in PRETRAIN.kinds]
-        if unknown or not self.kinds:
-            raise ValueError(
-                f"CurriculumStage.kinds must be non-empty kinds of the pretrain mix {sorted(PRETRAIN.kinds)}, "
-                f"got unknown {unknown}"
-            )
+        require(
+            self.kinds and not unknown,
+            "CurriculumStage.kinds",
+            f"must be non-empty kinds of the pretrain mix {sorted(PRETRAIN.kinds)}, got unknown {unknown}",
+        )
 
     def admits(self, meta: Mapping) -> bool:
         """Whether an item with this `Sample.meta` belongs to the stage."""
@@ -144,28 +143,18 @@ class PretrainConfig:
             "threads",
         )
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"PretrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+            check_int(f"PretrainConfig.{name}", getattr(self, name), low=1)
         for name in ("seed", "warmup_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"PretrainConfig.{name} must be a non-negative int, got {getattr(self, name)!r}")
-        if not self.lr > 0 or not self.grad_clip > 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"PretrainConfig: lr ({self.lr}) and grad_clip ({self.grad_clip}) must be > 0 and "
-                f"weight_decay ({self.weight_decay}) >= 0"
-            )
-        if not 0 <= self.final_lr_ratio <= 1:
-            raise ValueError(f"PretrainConfig.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
-        if self.schedule not in schedules.LR_SCHEDULES:
-            raise ValueError(
-                f"PretrainConfig.schedule must be one of {sorted(schedules.LR_SCHEDULES)}, got {self.schedule!r}"
-            )
-        if not isinstance(self.spec, TinyVLMSpec):
-            raise ValueError(f"PretrainConfig.spec must be a TinyVLMSpec, got {type(self.spec).__name__}")
+            check_int(f"PretrainConfig.{name}", getattr(self, name), low=0)
+        check_number("PretrainConfig.lr", self.lr, low=0, low_open=True, finite=False)
+        check_number("PretrainConfig.grad_clip", self.grad_clip, low=0, low_open=True, finite=False)
+        check_number("PretrainConfig.weight_decay", self.weight_decay, low=0, finite=False)
+        check_number("PretrainConfig.final_lr_ratio", self.final_lr_ratio, low=0, high=1)
+        check_choice("PretrainConfig.schedule", self.schedule, sorted(schedules.LR_SCHEDULES))
+        check_type("PretrainConfig.spec", self.spec, TinyVLMSpec, "a TinyVLMSpec")
         object.__setattr__(self, "curriculum", tuple(self.curriculum))
         for index, stage in enumerate(self.curriculum):
-            if not isinstance(stage, CurriculumStage):
-                raise ValueError(f"PretrainConfig.curriculum[{index}] must be a CurriculumStage, got {stage!r}")
+            check_type(f"PretrainConfig.curriculum[{index}]", stage, CurriculumStage, "a CurriculumStage")
 
     def key(self) -> str:
         """12 hex digits identifying this recipe (every field and RECIPE_VERSION): the cache folder's suffix."""

@@ -7,6 +7,7 @@ from visurf_ray.config import RolloutConfig
 from visurf_ray.models.policy import Policy
 from visurf_ray.rollout.base import RolloutBackend
 from visurf_ray.rollout.hf import HFRolloutBackend
+from visurf_ray.validation import ValidationError
 
 
 def make_backend(rollout: RolloutConfig, policy: Policy) -> RolloutBackend:
@@ -17,7 +18,7 @@ def make_backend(rollout: RolloutConfig, policy: Policy) -> RolloutBackend:
 
     folder = policy.model.config.name_or_path  # the folder load_policy read
     if not folder:
-        raise ValueError("rollout.backend=vllm needs a policy loaded from a checkpoint folder (load_policy)")
+        raise ValidationError("rollout.backend=vllm needs a policy loaded from a checkpoint folder (load_policy)")
     return VLLMRolloutBackend(
         policy,
         model_path=folder,

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from visurf_ray.validation import check_choice, require
+
 DecayShape = Callable[[float], float]
 LR_SCHEDULES: dict[str, DecayShape] = {}
 """Decay shapes by name: `progress -> factor`, progress in [0, 1] of the decay, factor 1.0 at progress 0."""
@@ -66,12 +68,17 @@ class StagedSchedule:
     final_ratio: float = 0.1
 
     def __post_init__(self):
-        if not self.starts or self.starts[0] != 0 or list(self.starts) != sorted(set(self.starts)):
-            raise ValueError(f"stage starts must be increasing and begin at 0, got {self.starts}")
-        if self.starts[-1] >= max(self.total, 1):
-            raise ValueError(f"stage starts {self.starts} must lie below the total of {self.total} steps")
-        if self.shape not in LR_SCHEDULES:
-            raise ValueError(f"schedule shape must be one of {sorted(LR_SCHEDULES)}, got {self.shape!r}")
+        require(
+            self.starts and self.starts[0] == 0 and list(self.starts) == sorted(set(self.starts)),
+            "stage starts",
+            f"must be increasing and begin at 0, got {self.starts}",
+        )
+        require(
+            self.starts[-1] < max(self.total, 1),
+            f"stage starts {self.starts}",
+            f"must lie below the total of {self.total} steps",
+        )
+        check_choice("schedule shape", self.shape, sorted(LR_SCHEDULES))
 
     def __call__(self, step: int) -> float:
         start = max(s for s in self.starts if s <= step)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal, cast, get_args
 
 from visurf_ray.config import ExperimentConfig
+from visurf_ray.validation import check_choice
 
 WandbMode = Literal["online", "offline", "disabled", "shared"]
 
@@ -26,8 +27,7 @@ WandbMode = Literal["online", "offline", "disabled", "shared"]
 def wandb_mode() -> WandbMode:
     """The wandb mode of WANDB_MODE (offline when unset); ValueError naming the variable for an unknown one."""
     mode = os.environ.get("WANDB_MODE", "offline")
-    if mode not in get_args(WandbMode):
-        raise ValueError(f"WANDB_MODE={mode!r} is not one of {get_args(WandbMode)}")
+    check_choice("WANDB_MODE", mode, get_args(WandbMode))
     return cast(WandbMode, mode)
 
 

@@ -17,6 +17,7 @@ from visurf_ray.models.generation import Rollouts
 from visurf_ray.models.policy import Policy
 from visurf_ray.objectives.paradigms import ObjectiveConfig, Paradigm
 from visurf_ray.rewards.controls import eliminate_thinking_reward, label_completion
+from visurf_ray.validation import ValidationError, check_int, require
 
 
 @dataclass
@@ -33,7 +34,7 @@ def scored_labels(groups: list[ScoredGroup]) -> tuple[list[str], list[dict[str, 
     texts, components = [], []
     for index, group in enumerate(groups):
         if group.label_text is None or group.label_components is None:
-            raise ValueError(f"group {index} has no scored label")
+            raise ValidationError(f"group {index} has no scored label")
         texts.append(group.label_text)
         components.append(group.label_components)
     return texts, components
@@ -42,11 +43,12 @@ def scored_labels(groups: list[ScoredGroup]) -> tuple[list[str], list[dict[str, 
 def label_reasoning(sample: Sample) -> str:
     """The sample's reasoning trace for its label (`objective.label_reasoning`); ValueError naming the sample if it
     has none (the offline benchmark's samples do; the ViSurf training rows do not)."""
-    if not isinstance(sample.meta.get("think"), str):
-        raise ValueError(
-            f"sample {sample.id!r} has no reasoning trace (meta['think']): objective.label_reasoning needs one per "
-            "sample; the offline benchmark provides it, rows loaded from files do not"
-        )
+    require(
+        isinstance(sample.meta.get("think"), str),
+        f"sample {sample.id!r}",
+        "has no reasoning trace (meta['think']): objective.label_reasoning needs one per sample; the offline benchmark "
+        "provides it, rows loaded from files do not",
+    )
     return sample.meta["think"]
 
 
@@ -142,10 +144,10 @@ def length_groups(lengths: list[int], *, max_groups: int = 2, min_saving: float 
     saves at least `min_saving` of the unsplit batch's padded tokens (each extra pass costs a kernel launch per layer).
     Returns lists of member indices (into `lengths`), shortest completions first; their union is every member once.
     """
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"lengths must be a non-empty list of positive token counts, got {lengths}")
-    if max_groups < 1:
-        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+    require(
+        lengths and min(lengths) >= 1, "lengths", f"must be a non-empty list of positive token counts, got {lengths}"
+    )
+    check_int("max_groups", max_groups, low=1)
     order = sorted(range(len(lengths)), key=lambda member: lengths[member])
     sorted_lengths = [lengths[member] for member in order]
     n = len(order)

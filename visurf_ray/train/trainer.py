@@ -49,6 +49,7 @@ from visurf_ray.train.step import (
     scored_labels,
     smoothing_reference,
 )
+from visurf_ray.validation import check_int, require
 
 
 @dataclass
@@ -101,10 +102,12 @@ class Trainer:
     length_groups_per_chunk: int = 2
 
     def __post_init__(self) -> None:
-        if self.length_groups_per_chunk < 1:
-            raise ValueError(f"length_groups_per_chunk={self.length_groups_per_chunk} must be >= 1 (1: one pass)")
-        if self.engine.module is not self.policy.model:
-            raise ValueError("the engine must train the policy's own module (build_engine(policy.model, ...))")
+        check_int("length_groups_per_chunk", self.length_groups_per_chunk, low=1, note="(1: one pass)")
+        require(
+            self.engine.module is self.policy.model,
+            "engine",
+            "must train the policy's own module (build_engine(policy.model, ...))",
+        )
         self.stage_starts = self.paradigm.stage_starts(self.total_steps, self.objective)
 
     @classmethod
@@ -223,8 +226,7 @@ class Trainer:
         returns the update's metrics (loss terms weighted over chunks, grad_norm, this step's lr, entropy, tokens)."""
         started = time.perf_counter()
         samples, module, device = batch.samples, self.policy.model, self.policy.device
-        if not 1 <= self.micro_batches <= len(samples):
-            raise ValueError(f"micro_batches={self.micro_batches} must be in [1, {len(samples)}] (this step's prompts)")
+        check_int("micro_batches", self.micro_batches, low=1, high=len(samples), note="(this step's prompts)")
         lengths = batch.lengths
         per_prompt = len(lengths) // len(samples)
         chunks = [
