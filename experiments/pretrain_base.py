@@ -4,6 +4,8 @@ Examples:
     python experiments/pretrain_base.py                   # the cached default model: built once, then reused
     python experiments/pretrain_base.py --force           # rebuild the cached default model
     python experiments/pretrain_base.py --steps 300 --out runs/base-300   # another recipe, into a folder
+    python experiments/pretrain_base.py --spec rope_theta=1000 text_heads=4 text_kv_heads=2 --out runs/base-theta
+        # another model (TinyVLMSpec fields; values in YAML), then: python experiments/perception.py --model runs/...
 The cache root is --cache-dir, else $VISURF_CACHE, else ~/.cache/visurf_ray; the folder name holds the recipe's hash.
 """
 
@@ -11,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
+import yaml
+
+from visurf_ray.models.tiny import TinyVLMSpec
 from visurf_ray.train.pretrain import REPORT_FILE, PretrainConfig, ensure_base_model, pretrain_base
+from visurf_ray.validation import ValidationError
 
 HEADLINES = {
     "format (think + answer)": ["eval/{set}/mean_thinking_format", "eval/{set}/mean_answer_format"],
@@ -43,6 +49,20 @@ def print_report(report: dict) -> None:
     print(f"pretraining {report['train_seconds']:.0f} s, evaluation {report['eval_seconds']:.0f} s")
 
 
+def spec_with(spec: TinyVLMSpec, overrides: list[str]) -> TinyVLMSpec:
+    """`spec` with `key=value` overrides of its fields (values parsed as YAML: `1000.0`, `[1]`); ValidationError
+    naming an unknown field, a malformed override or a value the spec rejects."""
+    names = {f.name for f in fields(TinyVLMSpec)}
+    changes = {}
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or key not in names:
+            raise ValidationError(f"--spec {text!r} must be key=value with key one of {sorted(names)}")
+        parsed = yaml.safe_load(value)
+        changes[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return replace(spec, **changes)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = PretrainConfig()
@@ -51,13 +71,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="items per step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
+    parser.add_argument("--spec", nargs="+", default=[], metavar="KEY=VALUE", help="TinyVLMSpec fields to change")
     parser.add_argument("--out", type=Path, help="train into this folder instead of the cache (must not exist)")
     parser.add_argument("--cache-dir", type=Path, help="cache root (default $VISURF_CACHE or ~/.cache/visurf_ray)")
     parser.add_argument("--force", action="store_true", help="rebuild the cached model even if present")
     args = parser.parse_args(argv)
     try:
         cfg = replace(
-            defaults, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, threads=args.threads
+            defaults,
+            steps=args.steps,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            threads=args.threads,
+            spec=spec_with(defaults.spec, args.spec),
         )
     except ValueError as error:
         parser.error(str(error))

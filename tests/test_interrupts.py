@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "experiments" / "sweep.py"
 TRAIN = ROOT / "experiments" / "train.py"
 EXIT_SECONDS = 15
+SWEEP_STEPS = 24  # long enough that neither trial has ended when the second one starts logging
 VARIANTS = "{RLVR: {objective.paradigm: rlvr}, ViSurf: {objective.paradigm: visurf}}"
 
 pytestmark = pytest.mark.ray
@@ -36,8 +37,8 @@ def sweep_command(small_sweep_args, name: str) -> list[str]:
         sys.executable,
         str(SWEEP),
         *args,
-        "experiment.steps=12",
-        "experiment.eval_every=6",
+        f"experiment.steps={SWEEP_STEPS}",
+        "experiment.eval_every=12",
         "experiment.log_to=[tensorboard, wandb]",
         "tune.max_concurrent_trials=2",
     ]
@@ -125,7 +126,7 @@ def test_ctrl_c_stops_the_sweep_within_seconds_and_a_rerun_ends_as_an_uninterrup
     assert "Traceback" not in stderr and "Tuner.restore" not in stderr
     assert list(experiment.glob("experiment_state-*.json"))
     unfinished = [
-        json.loads(rows.read_text().splitlines()[-1])["step"] < 12 for rows in experiment.glob("*/result.json")
+        json.loads(rows.read_text().splitlines()[-1])["step"] < SWEEP_STEPS for rows in experiment.glob("*/result.json")
     ]
     assert unfinished == [True, True], "the interrupt came after the trials ended"
     runs = wandb_runs(experiment)

@@ -11,12 +11,15 @@ from visurf_ray.train.perception import (
     CONCEPTS,
     DECIDING,
     PROBE_THRESHOLD,
+    binding_outcomes,
     binding_share,
     concept_samples,
     count_question,
     perception_checks,
     probe_accuracy,
     probe_features,
+    reading_questions,
+    reading_share,
     two_object_queries,
 )
 
@@ -45,21 +48,46 @@ def _answer(box: list[int]) -> str:
 
 def test_query_binding_counts_finds_of_the_asked_object_among_finds_of_either():
     samples = two_object_queries(4)
-    asked, other = [], []
+    asked, other, mixed = [], [], []
     for sample in samples:
         assert sample.meta["objects"] == 2 and sample.solution != "[]"
         scene = sample.meta["scene"]
         target = [o for o in scene if (o["colour"], o["shape"]) == (sample.meta["attribute"], sample.meta["shape"])]
         assert len(target) == 1
+        distractor = next(o for o in scene if o is not target[0])
         asked.append(_answer(target[0]["bbox_2d"]))
-        other.append(_answer(next(o for o in scene if o is not target[0])["bbox_2d"]))
-    assert binding_share(samples, asked) == 1.0 and binding_share(samples, other) == 0.0
-    assert binding_share(samples, asked[:2] + other[2:]) == 0.5
+        other.append(_answer(distractor["bbox_2d"]))
+        (x1, _, x2, _), (_, y1, _, y2) = target[0]["bbox_2d"], distractor["bbox_2d"]
+        mixed.append(_answer([x1, y1, x2, y2]))  # the asked object's columns, the other's rows
+    assert binding_outcomes(samples, asked) == {"asked": 4, "other": 0, "mixed": 0, "none": 0}
+    assert binding_share(binding_outcomes(samples, asked)) == 1.0
+    assert binding_share(binding_outcomes(samples, other)) == 0.0
+    assert binding_share(binding_outcomes(samples, asked[:2] + other[2:])) == 0.5
     missing = ["<answer>[]</answer>", "no answer", _answer([0, 0, 3, 3]), asked[3]]
-    assert binding_share(samples, missing) == 1.0  # only the one answer that finds an object counts
-    assert np.isnan(binding_share(samples[:1], missing[:1]))
+    outcomes = binding_outcomes(samples, missing)
+    assert outcomes == {"asked": 1, "other": 0, "mixed": 0, "none": 3}
+    assert binding_share(outcomes) == 1.0  # only the one answer that finds an object counts
+    assert np.isnan(binding_share(binding_outcomes(samples[:1], missing[:1])))
+    apart = [  # objects in different rows and columns: the phantom is neither of them
+        i
+        for i, s in enumerate(samples)
+        if len({o["bbox_2d"][0] for o in s.meta["scene"]}) == 2 and len({o["bbox_2d"][1] for o in s.meta["scene"]}) == 2
+    ]
+    assert apart and binding_outcomes([samples[i] for i in apart], [mixed[i] for i in apart])["mixed"] == len(apart)
     with pytest.raises(ValueError, match="two-object"):
-        binding_share(concept_samples(CONCEPTS["anomaly"], 1)[0][:1], asked[:1])
+        binding_outcomes(concept_samples(CONCEPTS["anomaly"], 1)[0][:1], asked[:1])
+
+
+def test_query_reading_checks_that_the_think_names_the_asked_look():
+    questions = reading_questions(30)
+    assert {q.meta["form"] for q in questions} == {"colour", "shape", "colour_shape"}
+    taught = [f"<think>{q.meta['think']}</think><answer>{q.solution}</answer>" for q in questions]
+    assert reading_share(questions, taught) == 1.0  # the pretraining targets name the asked look
+    wrong = ["<think>I count 1 blue triangle.</think><answer>\\boxed{1}</answer>"] * len(questions)
+    assert reading_share(questions, wrong) == np.mean(["How many blue triangles" in q.problem for q in questions])
+    assert reading_share(questions[:2], ["no think", "<think>I count two red circles.</think>"]) == 0.0
+    with pytest.raises(ValueError, match="How many"):
+        reading_share(concept_samples(CONCEPTS["anomaly"], 1)[0][:1], taught[:1])
 
 
 def test_probe_reads_a_separable_concept_and_not_noise():
@@ -84,9 +112,11 @@ def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
         "anomaly_image",
         "anomaly_prompt",
     }
-    assert set(results) == probes | {"query_binding"} and set(DECIDING.values()) <= probes
+    diagnostics = {"query_binding", "query_binding_mixed", "query_reading"}
+    assert set(results) == probes | diagnostics and set(DECIDING.values()) <= probes
     assert all(0.0 <= results[name] <= 1.0 for name in probes)
     assert np.isnan(results["query_binding"])  # 4 tokens cannot hold a box: no answer finds an object
+    assert results["query_binding_mixed"] == 0.0 and results["query_reading"] == 0.0  # nor a look after a count
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +138,9 @@ def test_anomaly_defects_are_visible_to_the_base_model(base_model_checks):
     reason="the tiny base model does not see absence yet: asked 'How many <colour> <shape>s are there?' on the "
     "no-object images, its answer is 0 at chance (balanced accuracy 0.53 < 0.8), so the no-object slice cannot "
     "show ViSurf's effect. Why (query_binding 0.525, chance 0.5): it finds *an* object without reading which one "
-    "was asked; strict, so that this test fails once a base model passes and the mark must go",
+    "was asked, reads a box's columns and rows from different objects (phantom boxes 0.29) and barely reads the "
+    "question (query_reading 0.07); thirteen base-model changes left it at chance (README); strict, so that "
+    "this test fails once a base model passes and the mark must go",
 )
 def test_absence_is_visible_to_the_base_model(base_model_checks):
     assert base_model_checks[DECIDING["no_object"]] >= PROBE_THRESHOLD

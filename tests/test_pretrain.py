@@ -86,6 +86,26 @@ def test_config_key_is_stable_and_covers_every_field():
     assert len(keys) == 5
 
 
+def test_pretrain_cli_changes_model_fields_by_name():
+    from experiments.pretrain_base import main, spec_with
+    from visurf_ray.models.tiny import TinyVLMSpec
+    from visurf_ray.validation import ValidationError
+
+    spec = spec_with(
+        TinyVLMSpec(), ["rope_theta=1000", "text_heads=4", "text_kv_heads=2", "vision_full_attention_blocks=[1]"]
+    )
+    assert (spec.rope_theta, spec.text_heads, spec.text_kv_heads) == (1000.0, 4, 2)
+    assert spec.vision_full_attention_blocks == (1,) and spec.text_hidden == TinyVLMSpec().text_hidden
+    with pytest.raises(ValidationError, match="'width=3'.*text_hidden"):
+        spec_with(TinyVLMSpec(), ["width=3"])
+    with pytest.raises(ValidationError, match="key=value"):
+        spec_with(TinyVLMSpec(), ["rope_theta"])
+    with pytest.raises(ValidationError, match="text_heads"):
+        spec_with(TinyVLMSpec(), ["text_heads=3"])
+    with pytest.raises(SystemExit):  # argparse's error, before anything is built
+        main(["--spec", "text_heads=3", "--out", "unused"])
+
+
 def test_learning_rate_warms_up_linearly_then_decays_to_the_final_ratio():
     from visurf_ray.train.pretrain import PretrainConfig
 

@@ -19,6 +19,11 @@ any post-training. Classes are balanced (chance 0.5); a concept counts as visibl
     greedy answers whose first box finds one of the two objects (IoU > 0.5), the share that finds the queried one.
     A model that localises objects without reading which one was asked scores chance, and then cannot tell whether
     the asked look is there either.
+  - "query_binding_mixed" (diagnostic): on the same items, the share of all answers whose first box finds neither
+    object but the phantom made of one object's columns and the other's rows: coordinates read from different objects.
+  - "query_reading" (diagnostic, the language side): of the greedy answers to count questions that name a look ("How
+    many red circles / red shapes / circles are there?", pretraining forms), the share whose think names the asked
+    look ("I count 2 red circles."): whether the language model reads the question at all.
 - "anomaly" (is the texture clean or defective?):
   - "anomaly_image" (deciding): a linear probe on the vision tower's image tokens (flattened);
   - "anomaly_prompt": a linear probe on the last prompt hidden state.
@@ -29,6 +34,7 @@ Imports torch and scikit-learn; never Ray.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -155,22 +161,59 @@ def count_answer_accuracy(policy: Policy, samples: list[Sample], absent: np.ndar
     return float(np.mean([np.mean(says_none[absent == 1]), np.mean(~says_none[absent == 0])]))
 
 
-def binding_share(samples: list[Sample], answers: list[str]) -> float:
-    """Of the `answers` to two-object single-object queries (`samples`) whose first box has IoU > 0.5 with one of the
-    scene's objects (`meta["scene"]`), the share on the queried object (chance 0.5); NaN if none finds any."""
-    on_target = []
+def binding_outcomes(samples: list[Sample], answers: list[str]) -> dict[str, int]:
+    """How many of the `answers` to two-object single-object queries (`samples`) put their first box (IoU > 0.5) on
+    the "asked" object, on the "other" one, on neither but on a "mixed" phantom (one object's columns, the other's
+    rows), or "none" of these (no box, or elsewhere). Objects are `meta["scene"]`."""
+    outcomes = dict.fromkeys(("asked", "other", "mixed", "none"), 0)
     for sample, answer in zip(samples, answers, strict=True):
         if sample.meta.get("objects") != 2 or "scene" not in sample.meta:
             raise ValueError(f"query binding needs two-object grounding items; {sample.id} is not one")
         prediction = grounding.parse_prediction(answer)
         box = prediction[0][0] if prediction else None
+        asked_look = (sample.meta["attribute"], sample.meta["shape"])
+        first, second = sample.meta["scene"]
+        asked, other = (first, second) if (first["colour"], first["shape"]) == asked_look else (second, first)
+        (ax1, ay1, ax2, ay2), (ox1, oy1, ox2, oy2) = asked["bbox_2d"], other["bbox_2d"]
+        phantoms = ((ax1, oy1, ax2, oy2), (ox1, ay1, ox2, ay2))
         if box is None:
-            continue
-        asked = (sample.meta["attribute"], sample.meta["shape"])
-        for placed in sample.meta["scene"]:
-            if box_iou(box, tuple(placed["bbox_2d"])) > 0.5:
-                on_target.append((placed["colour"], placed["shape"]) == asked)
-    return float(np.mean(on_target)) if on_target else float("nan")
+            outcome = "none"
+        elif box_iou(box, tuple(asked["bbox_2d"])) > 0.5:
+            outcome = "asked"
+        elif box_iou(box, tuple(other["bbox_2d"])) > 0.5:
+            outcome = "other"
+        elif any(box_iou(box, phantom) > 0.5 for phantom in phantoms):
+            outcome = "mixed"
+        else:
+            outcome = "none"
+        outcomes[outcome] += 1
+    return outcomes
+
+
+def binding_share(outcomes: Mapping[str, int]) -> float:
+    """Of the answers whose box finds one of the two objects (`binding_outcomes`), the share on the asked one (chance
+    0.5); NaN if none finds any."""
+    found = outcomes["asked"] + outcomes["other"]
+    return outcomes["asked"] / found if found else float("nan")
+
+
+def reading_questions(count: int, seed: int = 0) -> list[Sample]:
+    """The first `count` held-out count items whose question names a colour, a shape or a colour × shape."""
+    where = lambda m: m["form"] in ("colour", "shape", "colour_shape")  # noqa: E731
+    return list(itertools.islice(iter_split("retained/count", seed, where=where), count))
+
+
+def reading_share(samples: list[Sample], answers: list[str]) -> float:
+    """Share of the `answers` to count questions `samples` ("How many <look>s are there?") whose think names the asked
+    look right after its count ("<think>I count 2 red circles." or "I count 1 red circle.")."""
+    named = []
+    for sample, answer in zip(samples, answers, strict=True):
+        asked = re.search(r"How many (.+?)s are there\?", sample.problem)
+        if asked is None:
+            raise ValueError(f"query reading needs 'How many <look>s are there?' questions; {sample.id} is not one")
+        think = re.match(r"<think>I count \d+ (.+?)s?\.", answer)
+        named.append(think is not None and think.group(1) == asked.group(1))
+    return float(np.mean(named))
 
 
 def two_object_queries(count: int, seed: int = 0) -> list[Sample]:
@@ -185,7 +228,7 @@ def perception_checks(
 ) -> dict[str, float]:
     """Every check's accuracy by name (module docstring): probes `<concept>_<features>` for every feature set a
     concept reads, "no_object_count_answer", "no_object_image_per_look" on `per_look` items per class and look, and
-    "query_binding" on 2 · `per_class` items."""
+    "query_binding", "query_binding_mixed" and "query_reading" on 2 · `per_class` items each."""
     results = {}
     for name, concept in CONCEPTS.items():
         samples, labels = concept_samples(concept, per_class, seed)
@@ -198,5 +241,9 @@ def perception_checks(
     from visurf_ray.train.evaluate import greedy_answers
 
     queries = two_object_queries(2 * per_class, seed)
-    results["query_binding"] = binding_share(queries, greedy_answers(policy, queries, max_new_tokens))
+    outcomes = binding_outcomes(queries, greedy_answers(policy, queries, max_new_tokens))
+    results["query_binding"] = binding_share(outcomes)
+    results["query_binding_mixed"] = outcomes["mixed"] / len(queries)
+    questions = reading_questions(2 * per_class, seed)
+    results["query_reading"] = reading_share(questions, greedy_answers(policy, questions, max_new_tokens))
     return results
