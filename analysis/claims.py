@@ -67,12 +67,13 @@ ROLE_DESCRIPTIONS = {
         for control, name in CONTROLS.items()
     },
 }
-BEYOND_KNOWLEDGE = {"grounding": "n_acc", "anomaly": "balanced_accuracy"}
-"""Claim 2: per task, the metric of the items the base model cannot solve (no-object queries, anomaly detection)."""
+BEYOND_KNOWLEDGE = {"grounding": ("n_acc_empty_image", "n_acc"), "anomaly": ("balanced_accuracy",)}
+"""Claim 2: per task, the metrics of the items the base model cannot solve (no-object queries on an empty image and
+among other objects, anomaly detection)."""
 WITHIN_KNOWLEDGE = {"grounding": "giou_object", "gui_point": "score"}
 """Claim 2: per task, the headline scores it is compared with."""
-NO_SUCCESS = {"grounding": "n_acc", "anomaly": "accuracy_clean"}
-"""Claim 3: per task, the metric on which RLVR's rollouts never succeed (the base model never answers `[]` or
+NO_SUCCESS = {"grounding": ("n_acc_empty_image", "n_acc"), "anomaly": ("accuracy_clean",)}
+"""Claim 3: per task, the metrics on which RLVR's rollouts never succeed (the base model never answers `[]` or
 "clean")."""
 FORGETTING_BASELINES = ("sft", "sft_rlvr")
 
@@ -262,19 +263,18 @@ def _largest_beyond_knowledge(cells: _Cells, roles, post_sets: dict[str, str]) -
     others = [f"{name}/{WITHIN_KNOWLEDGE[task]}" for name, task in post_sets.items() if task in WITHIN_KNOWLEDGE]
     claims = []
     for name, task in post_sets.items():
-        if task not in BEYOND_KNOWLEDGE:
-            continue
-        column = f"{name}/{BEYOND_KNOWLEDGE[task]}"
-        pair = f"({_label(roles, 'visurf')} − {_label(roles, 'rlvr')})"
-        comparison = f"{pair}: {column} − max over {', '.join(others) or 'none'}"
-        claims.append(
-            _checked(
-                f"ViSurf's gain over RLVR is largest beyond the base model's knowledge ({column})",
-                comparison,
-                ABOVE_ZERO,
-                lambda column=column: _gain_gap(cells, roles, column, others),
+        for metric in BEYOND_KNOWLEDGE.get(task, ()):
+            column = f"{name}/{metric}"
+            pair = f"({_label(roles, 'visurf')} − {_label(roles, 'rlvr')})"
+            comparison = f"{pair}: {column} − max over {', '.join(others) or 'none'}"
+            claims.append(
+                _checked(
+                    f"ViSurf's gain over RLVR is largest beyond the base model's knowledge ({column})",
+                    comparison,
+                    ABOVE_ZERO,
+                    lambda column=column: _gain_gap(cells, roles, column, others),
+                )
             )
-        )
     return claims
 
 
@@ -282,17 +282,16 @@ def _rlvr_no_gain(cells: _Cells, roles, post_sets: dict[str, str]) -> list[Claim
     """Claim 3: RLVR's final − step 0 on items its rollouts never solve lies within ±EQUIVALENCE_MARGIN."""
     claims = []
     for name, task in post_sets.items():
-        if task not in NO_SUCCESS:
-            continue
-        column = f"{name}/{NO_SUCCESS[task]}{CHANGE_SUFFIX}"
-        claims.append(
-            _checked(
-                f"RLVR gains ≈ 0 where rollouts never succeed ({name}/{NO_SUCCESS[task]})",
-                f"{_label(roles, 'rlvr')}: {column} (final − step 0), margin ±{EQUIVALENCE_MARGIN}",
-                (-EQUIVALENCE_MARGIN, EQUIVALENCE_MARGIN),
-                lambda column=column: cells.cell(_variant(roles, "rlvr"), column),
+        for metric in NO_SUCCESS.get(task, ()):
+            column = f"{name}/{metric}{CHANGE_SUFFIX}"
+            claims.append(
+                _checked(
+                    f"RLVR gains ≈ 0 where rollouts never succeed ({name}/{metric})",
+                    f"{_label(roles, 'rlvr')}: {column} (final − step 0), margin ±{EQUIVALENCE_MARGIN}",
+                    (-EQUIVALENCE_MARGIN, EQUIVALENCE_MARGIN),
+                    lambda column=column: cells.cell(_variant(roles, "rlvr"), column),
+                )
             )
-        )
     return claims
 
 
@@ -385,11 +384,10 @@ def _columns(post_sets: dict[str, str], retained_sets: list[str]) -> list[str]:
     """Every column the claims read."""
     columns = [f"{name}/score" for name in post_sets]
     for name, task in post_sets.items():
-        for table in (BEYOND_KNOWLEDGE, WITHIN_KNOWLEDGE):
-            if task in table:
-                columns.append(f"{name}/{table[task]}")
-        if task in NO_SUCCESS:
-            columns.append(f"{name}/{NO_SUCCESS[task]}{CHANGE_SUFFIX}")
+        columns += [f"{name}/{metric}" for metric in BEYOND_KNOWLEDGE.get(task, ())]
+        if task in WITHIN_KNOWLEDGE:
+            columns.append(f"{name}/{WITHIN_KNOWLEDGE[task]}")
+        columns += [f"{name}/{metric}{CHANGE_SUFFIX}" for metric in NO_SUCCESS.get(task, ())]
     columns += [f"{name}/score{CHANGE_SUFFIX}" for name in retained_sets]
     return list(dict.fromkeys([*columns, f"{MEAN_SET}/score"]))
 

@@ -44,7 +44,7 @@ RETAINED_PREFIX = "retained/"
 ITEM_KEYS = ("trial_id", "variant", "paradigm", "seed", "step", "eval_set", "task", "item_id", "slice")
 """Columns every items table has; the others are per-item values (NaN where they do not apply)."""
 POST_TRAINING_EXTRAS = {
-    "grounding": ("giou_object", "n_acc", "empty_rate_object"),
+    "grounding": ("giou_object", "n_acc_empty_image", "n_acc", "empty_rate_object"),
     "anomaly": ("accuracy_clean", "accuracy_defect"),
 }
 """Metrics `default_columns` adds beside the score of a post-training eval set of the task."""
@@ -336,17 +336,23 @@ def paired_table(boot: Bootstrap, reference: str = "ViSurf", columns: Sequence[s
 
 
 def default_columns(items: pd.DataFrame) -> list[str]:
-    """Every eval set's "score"; on post-training sets grounding giou_object, n_acc, empty_rate_object and anomaly
-    accuracy_clean, accuracy_defect (where the items have their values); each retained set's "score_change"; and
-    "mean/score". Only eval sets present in `items`, in their order of appearance."""
+    """Every eval set's "score"; on post-training sets grounding giou_object, n_acc_empty_image, n_acc,
+    empty_rate_object and anomaly accuracy_clean, accuracy_defect (where the items have their values and slices);
+    each retained set's "score_change"; and "mean/score". Only eval sets present in `items`, in their order of
+    appearance."""
     task_of = dict(zip(items["eval_set"], items["task"]))
     columns = [f"{name}/score" for name in task_of]
     for name, task in task_of.items():
         if name.startswith(RETAINED_PREFIX):
             continue
+        slices = set(items.loc[items["eval_set"] == name, "slice"])
         for metric in POST_TRAINING_EXTRAS.get(task, ()):
             item_metric = _item_metric(task, metric)
-            if item_metric is not None and item_metric.value in items.columns:
+            if (
+                item_metric is not None
+                and item_metric.value in items.columns
+                and all(part is None or slices & set(part) for part in item_metric.parts)
+            ):
                 columns.append(f"{name}/{metric}")
     columns += [f"{name}/score{CHANGE_SUFFIX}" for name in task_of if name.startswith(RETAINED_PREFIX)]
     return [*columns, f"{MEAN_SET}/score"]

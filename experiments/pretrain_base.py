@@ -33,12 +33,12 @@ def print_report(report: dict) -> None:
     scores = report["scores"]
     print(f"{'set':<10} {'thinking_format':>15} {'answer_format':>13} {'score':>7}  task metric")
     for name in ("grounding", "gui_point", "anomaly", "count", "no_object"):
-        extra = {"grounding": "iou50", "no_object": "n_acc"}.get(name)
+        extras = {"grounding": ("iou50",), "no_object": ("n_acc", "n_acc_empty_image")}.get(name, ())
         row = [
             scores.get(f"eval/{name}/{metric}", float("nan"))
             for metric in ("mean_thinking_format", "mean_answer_format", "score")
         ]
-        detail = f"  {extra} {scores[f'eval/{name}/{extra}']:.3f}" if extra else ""
+        detail = "".join(f"  {extra} {scores.get(f'eval/{name}/{extra}', float('nan')):.3f}" for extra in extras)
         print(f"{name:<10} {row[0]:>15.3f} {row[1]:>13.3f} {row[2]:>7.3f}{detail}")
     print(
         "rollout groups (8 samples, temperature 1, posttrain grounding): "

@@ -24,7 +24,7 @@ from analysis.claims import (
 
 N_BOOT = 400
 SETS = {  # eval set: (task, slices)
-    "grounding": ("grounding", ["seen"] * 12 + ["no_object"] * 8),
+    "grounding": ("grounding", ["seen"] * 12 + ["no_object"] * 4 + ["empty_image"] * 4),
     "gui_point": ("gui_point", ["all"] * 20),
     "anomaly": ("anomaly", ["clean"] * 10 + ["defect"] * 10),
     "retained/count": ("count", ["all"] * 20),
@@ -47,7 +47,8 @@ SEEDS = (0, 1)
 
 def outcome(iou, nacc, hit, clean, defect, count) -> dict[str, np.ndarray]:
     """Per-item values of one evaluation: grounding IoU on the 12 object items and correct `[]` on the 8 no-object
-    items, gui_point hits, anomaly correctness on 10 clean and 10 defect items, retained count correctness."""
+    items (4 among other objects, 4 on an empty image), gui_point hits, anomaly correctness on 10 clean and 10 defect
+    items, retained count correctness."""
     sizes = {"iou": 12, "nacc": 8, "hit": 20, "clean": 10, "defect": 10, "count": 20}
     given = {"iou": iou, "nacc": nacc, "hit": hit, "clean": clean, "defect": defect, "count": count}
     return {key: np.broadcast_to(np.asarray(value, dtype=np.float64), sizes[key]) for key, value in given.items()}
@@ -161,7 +162,7 @@ def test_every_kind_of_claim_reaches_every_verdict(verdicts):
     for expected, claims in verdicts.items():
         kinds = [kind(c) for c in claims]
         assert sorted(set(kinds)) == [1, 2, 3, 4, 5, 6]
-        assert [kinds.count(k) for k in range(1, 7)] == [9, 2, 2, 2, 1, 3]
+        assert [kinds.count(k) for k in range(1, 7)] == [9, 3, 3, 2, 1, 3]
         wrong = [(c.claim, c.verdict, c.low, c.high, c.detail) for c in claims if c.verdict != expected]
         assert not wrong, f"{expected} scenario: {wrong}"
         assert all(not math.isnan(c.estimate) for c in claims)

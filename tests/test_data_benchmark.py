@@ -249,6 +249,19 @@ def test_posttrain_adds_no_object_queries_the_unseen_colour_and_clean_textures(s
     assert {s.meta.get("attribute") for s in pre} <= {*SEEN_COLOURS, None}
 
 
+def test_empty_image_items_show_only_background_and_count_pretraining_shows_empty_images(splits):
+    empty = [s for s in splits["posttrain"] + splits["eval/grounding"] if s.meta["kind"] == "grounding_empty"]
+    assert len(empty) > 10
+    for s in empty:
+        assert (pixels(s) == np.array(BACKGROUND)).all() and s.meta["objects"] == 0 and s.meta["scene"] == []
+        assert s.solution == "[]" and s.meta["no_object"] and s.meta["slice"] == "empty_image"
+        assert re.fullmatch(r"Find (the \w+ \w+|all \w+ shapes)\.", s.meta["question"])
+    assert np.array_equal(np.asarray(benchmark.empty_image()), pixels(empty[0]))
+    counted_empty = [s for s in splits["pretrain"] if s.task == "count" and s.meta["objects"] == 0]
+    assert counted_empty and all(s.meta["count"] == 0 for s in counted_empty)
+    assert not any(s.task == "grounding" and s.meta["objects"] == 0 for s in splits["pretrain"])
+
+
 def test_eval_and_retained_splits_hold_their_task_and_slices(splits):
     for task in TASKS:
         assert {s.task for s in splits[f"eval/{task}"]} == {task}
@@ -256,6 +269,7 @@ def test_eval_and_retained_splits_hold_their_task_and_slices(splits):
         "grounding_single",
         "grounding_multi",
         "grounding_none",
+        "grounding_empty",
     }
     assert any(s.meta["attribute"] == UNSEEN_COLOUR for s in splits["eval/grounding"])
     assert {s.meta["kind"] for s in splits["eval/anomaly"]} == {"anomaly_defect", "anomaly_clean"}
@@ -322,7 +336,7 @@ def test_kinds_are_registered_under_their_task():
 
 def test_every_item_carries_its_evaluation_slice():
     expected = {
-        "eval/grounding": ("seen", "unseen_attribute", "no_object"),
+        "eval/grounding": ("seen", "unseen_attribute", "no_object", "empty_image"),
         "eval/anomaly": ("defect", "clean"),
         "eval/gui_point": ("all",),
         "retained/count": ("all",),
@@ -334,15 +348,21 @@ def test_every_item_carries_its_evaluation_slice():
             meta = sample.meta
             assert meta["slice"] in slices
             if sample.task == "grounding":
-                want = "no_object" if meta["no_object"] else "unseen_attribute" if meta["unseen_attribute"] else "seen"
-                assert meta["slice"] == want and (sample.solution == "[]") == (want == "no_object")
+                absent = "no_object" if meta["objects"] else "empty_image"
+                want = absent if meta["no_object"] else "unseen_attribute" if meta["unseen_attribute"] else "seen"
+                assert meta["slice"] == want and (sample.solution == "[]") == meta["no_object"]
             if sample.task == "anomaly":
                 assert meta["slice"] == ("clean" if sample.solution == '{"defect":false}' else "defect")
 
 
 def test_stratified_eval_split_has_equal_slices_in_stream_order():
     items = make_stratified_split("eval/grounding", 7, seed=0)
-    assert Counter(s.meta["slice"] for s in items) == {"seen": 7, "unseen_attribute": 7, "no_object": 7}
+    assert Counter(s.meta["slice"] for s in items) == {
+        "seen": 7,
+        "unseen_attribute": 7,
+        "no_object": 7,
+        "empty_image": 7,
+    }
     stream = {s.id: s for s in make_split("eval/grounding", 200, seed=0)}
     indices = [int(s.id.rsplit("/", 1)[1]) for s in items]
     assert indices == sorted(indices) and all(fingerprint(stream[s.id]) == fingerprint(s) for s in items)

@@ -131,6 +131,20 @@ def test_blind_empty_answers_show_beside_n_acc():
     assert solution_slice("anomaly", '{"defect":false}') == "clean" and solution_slice("count", "3") == "all"
 
 
+def test_n_acc_counts_no_object_items_among_objects_and_on_empty_images_apart():
+    truth = objects((0, 0, 9, 9))
+    solutions, slices = (
+        [truth, "[]", "[]", "[]", "[]"],
+        ["seen", "no_object", "no_object", "empty_image", "empty_image"],
+    )
+    completions = [answer(truth), answer("[]"), answer(truth), answer("[]"), answer("[]")]
+    metrics = evaluate("grounding", completions, solutions, [(20, 10)] * 5, slices)
+    assert metrics["n_acc"] == 0.5 and metrics["n_acc_empty_image"] == 1.0 and metrics["empty_rate_object"] == 0.0
+    assert math.isnan(
+        evaluate("grounding", completions[:3], solutions[:3], [(20, 10)] * 3, slices[:3])["n_acc_empty_image"]
+    )
+
+
 def test_item_values_carry_components_and_task_values_and_summarise_agrees():
     truth = objects((0, 0, 9, 9))
     completions = [answer(objects((0, 0, 9, 9))), "<think></think><answer>[]</think><answer>" + truth + "</answer>"]

@@ -15,6 +15,7 @@ from visurf_ray.train.perception import (
     binding_share,
     concept_samples,
     count_question,
+    emptied,
     perception_checks,
     probe_accuracy,
     probe_features,
@@ -40,6 +41,21 @@ def test_count_question_asks_for_the_grounding_querys_look_on_the_same_image():
         asked = count_question(sample)
         assert f"How many {sample.meta['attribute']} {sample.meta['shape']}s are there?" in asked.problem
         assert asked.task == "count" and asked.image is sample.image
+
+
+def test_emptied_asks_the_same_question_on_an_empty_image():
+    from visurf_ray.data.benchmark import BACKGROUND, iter_split
+
+    present = concept_samples(CONCEPTS["no_object"], 2)[0][2:]
+    for sample in present:
+        empty = emptied(sample)
+        assert empty.problem == sample.problem and empty.solution == "[]" and empty.id != sample.id
+        assert (np.asarray(empty.image) == np.array(BACKGROUND)).all() and empty.image.size == sample.image.size
+        assert empty.meta["slice"] == "empty_image" and empty.meta["objects"] == 0 and empty.meta["scene"] == []
+        assert sample.meta["objects"] >= 1 and sample.meta["slice"] == "seen"  # the original is untouched
+        assert count_question(empty).problem == count_question(sample).problem
+    item = next(iter_split("eval/grounding", 0, where=lambda m: m["slice"] == "empty_image"))
+    assert np.array_equal(np.asarray(item.image), np.asarray(emptied(present[0]).image))
 
 
 def _answer(box: list[int]) -> str:
@@ -108,7 +124,11 @@ def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
     probes = {
         "no_object_prompt",
         "no_object_count_answer",
+        "no_object_count_think",
         "no_object_image_per_look",
+        "empty_image_prompt",
+        "empty_image_count_answer",
+        "empty_image_count_think",
         "anomaly_image",
         "anomaly_prompt",
     }
@@ -128,19 +148,28 @@ def base_model_checks():
 
 @pytest.mark.slow
 def test_anomaly_defects_are_visible_to_the_base_model(base_model_checks):
-    """A linear probe on the base model's image tokens tells clean from defective textures (measured 0.853)."""
+    """A linear probe on the base model's image tokens tells clean from defective textures (measured 0.848)."""
     assert base_model_checks[DECIDING["anomaly"]] >= PROBE_THRESHOLD
+
+
+@pytest.mark.slow
+def test_an_empty_image_is_visible_to_the_base_model(base_model_checks):
+    """Asked "How many <colour> <shape>s are there?", the base model's think counts 0 on an empty image and not on
+    the one-object image the grounding question was about (measured 0.947; its boxed answers 0.533, the grounding
+    prompt's state 1.000)."""
+    assert base_model_checks[DECIDING["empty_image"]] >= PROBE_THRESHOLD
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="the tiny base model does not see absence yet: asked 'How many <colour> <shape>s are there?' on the "
-    "no-object images, its answer is 0 at chance (balanced accuracy 0.53 < 0.8), so the no-object slice cannot "
-    "show ViSurf's effect. Why (query_binding 0.525, chance 0.5): it finds *an* object without reading which one "
-    "was asked, reads a box's columns and rows from different objects (phantom boxes 0.29) and barely reads the "
-    "question (query_reading 0.07); thirteen base-model changes left it at chance (README); strict, so that "
-    "this test fails once a base model passes and the mark must go",
+    reason="the tiny base model does not see whether the asked look is among other objects: asked 'How many "
+    "<colour> <shape>s are there?' on the no-object images, its answer is 0 at chance (balanced accuracy 0.505 < "
+    "0.8 with recipe 6), so this gRefCOCO-like slice cannot show ViSurf's effect (the empty_image slice can). Why "
+    "(query_binding 0.579, chance 0.5): it finds *an* object without reading which one was asked, reads a box's "
+    "columns and rows from different objects (phantom boxes 0.34) and barely reads the question (query_reading "
+    "0.05); a count-only model counts all shapes at 0.995 but never filters by colour or shape; thirteen "
+    "base-model changes left it at chance (README); strict, so that this test fails once a base model passes",
 )
 def test_absence_is_visible_to_the_base_model(base_model_checks):
     assert base_model_checks[DECIDING["no_object"]] >= PROBE_THRESHOLD

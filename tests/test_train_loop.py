@@ -139,7 +139,8 @@ def test_runs_write_eval_items_and_share_the_starting_evaluation(small_config, t
     for found in rows.values():
         assert sorted({r["step"] for r in found}) == [0, 1]
         grounding = [r for r in found if r["step"] == 1 and r["eval_set"] == "grounding"]
-        assert sorted(r["slice"] for r in grounding) == ["no_object"] * 4 + ["seen"] * 4 + ["unseen_attribute"] * 4
+        slices = ["empty_image"] * 4 + ["no_object"] * 4 + ["seen"] * 4 + ["unseen_attribute"] * 4
+        assert sorted(r["slice"] for r in grounding) == slices
         assert all({"iou", "empty", "logp_empty", "multi_block"} <= set(r) for r in grounding)
         count = [r for r in found if r["step"] == 1 and r["eval_set"] == "retained/count"]
         assert len(count) == 4 and all(r["slice"] == "all" and "correct" in r for r in count)

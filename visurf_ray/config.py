@@ -44,7 +44,7 @@ class ModelConfig:
 class DataConfig:
     train_split: str = "posttrain"  # a benchmark split name, or a local .parquet/.jsonl file in the ViSurf format
     eval_splits: tuple[str, ...] = ("eval/grounding", "eval/gui_point", "eval/anomaly", "retained/count")
-    eval_size: int = 64  # items per slice of each benchmark eval split (grounding: seen, unseen_attribute, no_object)
+    eval_size: int = 64  # items per slice of each benchmark eval split (`benchmark.split_slices`)
     prompts_per_step: int = 8  # global batch of prompts per optimizer step (split across workers)
     # pixels: every image resized to image_side × image_side before the model sees it (the authors' 840), answers
     # scored in each image's own frame at evaluation (visurf_ray/data/frames.py); 0 keeps each image's own size

@@ -17,16 +17,20 @@ Item kinds (`KINDS`, registered with `register_kind`; each answer is in its task
   in reading order (top to bottom, then left to right).
 - grounding_none: 1-3 shapes; the queried colour x shape (or colour, for "Find all ... shapes.") is absent -> `[]`.
   Half of the single-object queries name a colour and a shape that are each present on other objects.
+- grounding_empty: the same queries on an empty image (background only) -> `[]`. The tiny base model cannot tell
+  whether *the asked* look is among other objects (it does not bind the query to the image, see
+  `visurf_ray.train.perception`), but it does see that nothing is there (count pretraining shows empty images), so
+  this is the no-object slice whose concept is visible to it; grounding_none stays as the gRefCOCO-like slice.
 - gui_point: a window (title bar on row 0) with 2-4 grey buttons labelled with distinct digits 1-9; "Click the button
   labelled 3." -> that button's box and centre (the verifier accepts any point inside the box).
 - anomaly_defect / anomaly_clean: a periodic texture (stripes, checks or dots) on the background colour with /
   without one defect (a scratch, a stain or a hole) inside a 2 x 2-cell block; "Is there a defect in this texture?"
   -> `{"defect": true, "bbox_2d": ...}` / `{"defect": false}`. Textures are periodic with period `TEXTURE_PERIOD` =
   10 px (shifted by 0-9 px), so only the defect breaks the period.
-- count: 1-6 shapes (repeats allowed); how many of a shape, of a colour, of a colour × shape ("How many red circles
-  are there?", half of them about a look that is absent: the base model learns to *see* that a colour × shape is not
-  in the image, which grounding's no-object queries ask, while `[]` stays untaught), in all, or of two shapes
-  together (simple visual arithmetic) -> `\\boxed{n}`, n in 0..6.
+- count: 0-6 shapes (repeats allowed; an empty image one time in seven); how many of a shape, of a colour, of a
+  colour × shape ("How many red circles are there?", half of them about a look that is absent: the base model learns
+  to *see* that a colour × shape is not in the image, which grounding's no-object queries ask, while `[]` stays
+  untaught), in all, or of two shapes together (simple visual arithmetic) -> `\\boxed{n}`, n in 0..6.
 
 Splits (`make_split(name, n, seed)`, `iter_split(name, seed)`):
 - "pretrain": what the base model learns. Colours red, green, blue, yellow only; grounding_single 35%,
@@ -34,21 +38,23 @@ Splits (`make_split(name, n, seed)`, `iter_split(name, seed)`):
   object and never shows a texture without a defect: the base model never answers `[]` or `{"defect": false}`.
 - "posttrain": the post-training mix. Adds the unseen colour purple (one of five colours, anywhere: targets and
   distractors), no-object queries and defect-free textures: grounding_single 20%, grounding_multi 15%,
-  grounding_none 20%, gui_point 15%, anomaly_defect 15%, anomaly_clean 15%. Count is not post-trained.
+  grounding_none 10%, grounding_empty 10%, gui_point 15%, anomaly_defect 15%, anomaly_clean 15%. Count is not
+  post-trained.
 - "pretrain/<task>", "posttrain/<task>": the items of one task of that mix, in the same proportions (e.g. a
   grounding-only base model from "pretrain/grounding").
 - "eval/<task>" for every task: held-out items of that task, drawn like "posttrain" for post-trained tasks and like
   "pretrain" for the others (count). `meta["slice"]` names the item's evaluation slice: grounding "seen" (the query
-  names a pretraining colour or none), "unseen_attribute" (it names purple) or "no_object"; anomaly "clean" or
-  "defect"; gui_point and count "all". `meta` also holds "kind"; for grounding "no_object", "attribute" (the queried
-  colour or None), "shape" (the queried shape or None), "unseen_attribute", "unseen_in_image" and "scene" (every
-  object's colour, shape and bbox_2d).
+  names a pretraining colour or none), "unseen_attribute" (it names purple), "no_object" (other objects are there)
+  or "empty_image"; anomaly "clean" or "defect"; gui_point and count "all". `meta` also holds "kind"; for
+  grounding "no_object", "attribute" (the queried colour or None), "shape" (the queried shape or None),
+  "unseen_attribute", "unseen_in_image", "objects" and "scene" (every object's colour, shape and bbox_2d).
 Solutions are compact JSON, the dataset's style (`answers.DATASET_SEPARATORS`); pretraining targets write them in
 the model's spaced style (`target_text`), so the raw label and the model's answers differ in tokens as in the paper.
 - "retained/<task>" for `RETAINED_TASKS` (count): held-out items of pretrain tasks that post-training does not train
   on, to measure forgetting.
 Held-out means content-disjoint, not only a different seed stream: every item's scene (question and layout) hashes
 into one of `HELDOUT_BUCKETS` buckets; eval and retained splits keep only bucket 0 and training splits never do.
+(Empty images differ only by their question: 4 of the 20 empty-image questions are held out.)
 
 Each item `i` of split `name` with seed `seed` is drawn from `numpy.random.default_rng([seed, stream(name), i])`,
 so `make_split(name, n, seed)` is the first n items of `iter_split(name, seed)` and ids are `"{name}/{seed}/{i}"`.
@@ -242,6 +248,11 @@ def _draw_shapes(objects: list[Placed]) -> np.ndarray:
     return image
 
 
+def empty_image() -> Image.Image:
+    """The background alone: the image of every "empty_image" item."""
+    return Image.fromarray(_draw_shapes([]))
+
+
 def _scene_key(question: str, objects: list[Placed]) -> str:
     """What the item shows and asks, independent of how it was drawn: equal keys mean equal items."""
     return f"{question}|" + ";".join(f"{o.colour} {o.shape} {o.col} {o.row}" for o in _reading_order(objects))
@@ -261,7 +272,7 @@ def _grounding_meta(kind: str, colour: str | None, shape: str | None, objects: l
     unseen = colour == UNSEEN_COLOUR
     return {
         "kind": kind,
-        "slice": "no_object" if no_object else "unseen_attribute" if unseen else "seen",
+        "slice": ("no_object" if objects else "empty_image") if no_object else "unseen_attribute" if unseen else "seen",
         "attribute": colour,
         "shape": shape,
         "unseen_attribute": unseen,
@@ -322,9 +333,9 @@ def grounding_multi(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft
     )
 
 
-@register_kind("grounding_none", "grounding")
-def grounding_none(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
-    looks = _distinct_looks(rng, colours, int(rng.integers(1, 4)))
+def _no_object_draft(rng: np.random.Generator, colours: tuple[str, ...], n_objects: int, kind: str) -> Draft:
+    """A query for a look (or a colour) that none of `n_objects` distinct shapes has -> `[]`."""
+    looks = _distinct_looks(rng, colours, n_objects)
     present_colours = {c for c, _ in looks}
     if rng.random() < 0.25 and len(present_colours) < len(colours):
         colour, shape = _pick(rng, sorted(set(colours) - present_colours)), None
@@ -341,8 +352,18 @@ def grounding_none(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
         think=think,
         key=_scene_key(question, objects),
         render=lambda: _draw_shapes(objects),
-        meta=_grounding_meta("grounding_none", colour, shape, objects, no_object=True),
+        meta=_grounding_meta(kind, colour, shape, objects, no_object=True),
     )
+
+
+@register_kind("grounding_none", "grounding")
+def grounding_none(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    return _no_object_draft(rng, colours, int(rng.integers(1, 4)), "grounding_none")
+
+
+@register_kind("grounding_empty", "grounding")
+def grounding_empty(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
+    return _no_object_draft(rng, colours, 0, "grounding_empty")
 
 
 BUTTON_FILL = (200, 200, 205)
@@ -504,13 +525,15 @@ def _plural(n: int, noun: str) -> str:
 
 @register_kind("count", "count")
 def count(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
-    looks = [(_pick(rng, colours), _pick(rng, SHAPES)) for _ in range(int(rng.integers(1, MAX_COUNT + 1)))]
+    looks = [(_pick(rng, colours), _pick(rng, SHAPES)) for _ in range(int(rng.integers(0, MAX_COUNT + 1)))]
     objects = _place(rng, looks)
     shape_counts = {s: sum(o.shape == s for o in objects) for s in SHAPES}
     form = _pick(rng, ("shape", "colour", "all", "sum", "colour_shape"))
-    if form == "colour_shape":  # half the queries name a look that is present, half a random (mostly absent) one
-        o = _pick(rng, objects)
-        colour, shape = (o.colour, o.shape) if rng.random() < 0.5 else (_pick(rng, colours), _pick(rng, SHAPES))
+    if form == "colour_shape":  # half name a look that is present (if any is), half a random (mostly absent) one
+        if objects and rng.random() < 0.5:
+            colour, shape = (o := _pick(rng, objects)).colour, o.shape
+        else:
+            colour, shape = _pick(rng, colours), _pick(rng, SHAPES)
         target = f"{colour} {shape}"
         answer = sum(o.colour == colour and o.shape == shape for o in objects)
         question, think = f"How many {target}s are there?", f"I count {_plural(answer, target)}."
@@ -563,7 +586,8 @@ POSTTRAIN = Mix(
     {
         "grounding_single": 0.2,
         "grounding_multi": 0.15,
-        "grounding_none": 0.2,
+        "grounding_none": 0.1,
+        "grounding_empty": 0.1,
         "gui_point": 0.15,
         "anomaly_defect": 0.15,
         "anomaly_clean": 0.15,
@@ -643,6 +667,7 @@ KIND_SLICES = {
     "grounding_single": ("seen", "unseen_attribute"),
     "grounding_multi": ("seen", "unseen_attribute"),
     "grounding_none": ("no_object",),
+    "grounding_empty": ("empty_image",),
     "gui_point": ("all",),
     "anomaly_defect": ("defect",),
     "anomaly_clean": ("clean",),

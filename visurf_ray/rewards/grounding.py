@@ -29,17 +29,17 @@ Components (they add up to `overall`, in [0, OVERALL_MAX] = [0, 6]):
 Success (`is_success`): accuracy >= ACCURACY_MAX / 2.
 
 Evaluation (`item_values`, METRICS; headline "giou"): "giou" (mean per-sample IoU) and "giou_object" / "giou_seen" /
-"giou_unseen_attribute" (on items with an object, by slice), "n_acc" (correct empty predictions / empty ground
-truths) beside "empty_rate_object" (valid `[]` predictions on items with an object), "logp_empty_no_object" /
-"logp_empty_object" (log π(`[]`) after the model's own `<answer>`, which the trainer's evaluation adds as
-"logp_empty"), and, over the dataset, "ciou" (cumulative intersection / cumulative union, pixels). A sample's IoU
-compares the union masks of the predicted and true boxes rendered on its image grid (`geometry.box_mask`); an empty
-prediction for an empty ground truth counts IoU 1, an empty prediction for a non-empty one (or the reverse) 0. A
-prediction is invalid when its answer is missing, is not a JSON array, or has an item without a valid bbox_2d: its
-IoU is 0, it adds nothing to the cumulative intersection and the true area to the cumulative union, and it is not a
-correct empty prediction. Boxes are masks here (the paper turns boxes and points into masks with SAM2; box masks are
-our stand-in). Slices: "seen", "unseen_attribute" (or "object" when the data says no more) and "no_object".
-"""
+"giou_unseen_attribute" (on items with an object, by slice), "n_acc" (correct empty predictions / empty ground truths,
+on the "no_object" slice: other objects are in the image), "n_acc_empty_image" (the same on the "empty_image" slice:
+nothing is) beside "empty_rate_object" (valid `[]` predictions on items with an object), "logp_empty_no_object" /
+"logp_empty_object" (log π(`[]`) after the model's own `<answer>`, which the trainer's evaluation adds as "logp_empty"),
+and, over the dataset, "ciou" (cumulative intersection / cumulative union, pixels). A sample's IoU compares the union
+masks of the predicted and true boxes rendered on its image grid (`geometry.box_mask`); an empty prediction for an empty
+ground truth counts IoU 1, an empty prediction for a non-empty one (or the reverse) 0. A prediction is invalid when its
+answer is missing, is not a JSON array, or has an item without a valid bbox_2d: its IoU is 0, it adds nothing to the
+cumulative intersection and the true area to the cumulative union, and it is not a correct empty prediction. Boxes are
+masks here (the paper turns boxes and points into masks with SAM2; box masks are our stand-in). Slices: "seen",
+"unseen_attribute" (or "object" when the data says no more), "no_object" and "empty_image"."""
 
 import math
 from collections.abc import Mapping, Sequence
@@ -80,6 +80,7 @@ ABSTAIN_ANSWER = "[]"
 """The answer "nothing matches", whose log-prob the trainer's evaluation reports per item ("logp_empty")."""
 
 NO_OBJECT = "no_object"
+EMPTY_IMAGE = "empty_image"
 OBJECT_SLICES = ("seen", "unseen_attribute", "object")
 """Slices whose items have at least one true object: the query names a pretraining attribute ("seen"), the
 post-training-only colour ("unseen_attribute"), or, for rows without that information, just "object"."""
@@ -89,6 +90,7 @@ METRICS = {
     "giou_seen": ItemMetric("iou", (("seen",),)),
     "giou_unseen_attribute": ItemMetric("iou", (("unseen_attribute",),)),
     "n_acc": ItemMetric("empty", ((NO_OBJECT,),)),
+    "n_acc_empty_image": ItemMetric("empty", ((EMPTY_IMAGE,),)),
     "empty_rate_object": ItemMetric("empty", (OBJECT_SLICES,)),
     "logp_empty_no_object": ItemMetric("logp_empty", ((NO_OBJECT,),)),
     "logp_empty_object": ItemMetric("logp_empty", (OBJECT_SLICES,)),

@@ -10,6 +10,7 @@ any post-training. Classes are balanced (chance 0.5); a concept counts as visibl
   object present vs absent, pretraining colours only, so colour novelty cannot give it away):
   - "no_object_count_answer" (deciding): the base model's own greedy answer to "How many red circles are there?" on
     the same image — balanced accuracy of "0" against absence: asked in a form it was taught, does it see it?
+  - "no_object_count_think" (diagnostic): the same, reading the count its think states ("I count 0 red circles.");
   - "no_object_prompt": a linear probe on the language model's last hidden state at the grounding prompt's last token
     (diagnostic: whether the grounding question itself already carries it).
   - "no_object_image_per_look" (diagnostic: does the vision tower carry the look at all?): for each pretraining
@@ -24,6 +25,14 @@ any post-training. Classes are balanced (chance 0.5); a concept counts as visibl
   - "query_reading" (diagnostic, the language side): of the greedy answers to count questions that name a look ("How
     many red circles / red shapes / circles are there?", pretraining forms), the share whose think names the asked
     look ("I count 2 red circles."): whether the language model reads the question at all.
+- "empty_image" (is anything there? the no-object slice the tiny base model can see): each single-object item of
+  "no_object" beside the same question on an empty image (`emptied`), matched pairs:
+  - "empty_image_count_think" (deciding): asked "How many red circles are there?" on both images, the count the
+    greedy answer's think states ("I count 0 circles.") — balanced accuracy of 0 against the empty image. The think,
+    not the boxed number, decides this concept: the tiny base model's boxed count disagrees with its own think on most
+    one-object images (it boxes 0 after "I count 1 green shapes."), a failure to copy a digit, not to see;
+  - "empty_image_count_answer" (diagnostic): the same, reading the boxed answer;
+  - "empty_image_prompt" (diagnostic): a linear probe on the last hidden state of the grounding prompt.
 - "anomaly" (is the texture clean or defective?):
   - "anomaly_image" (deciding): a linear probe on the vision tower's image tokens (flattened);
   - "anomaly_prompt": a linear probe on the last prompt hidden state.
@@ -45,7 +54,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from visurf_ray.data.benchmark import SEEN_COLOURS, SHAPES, iter_split
+from visurf_ray.data.benchmark import SEEN_COLOURS, SHAPES, empty_image, iter_split
 from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
 from visurf_ray.models.inputs import encode_prompts, image_features, prompt_states
@@ -56,7 +65,11 @@ from visurf_ray.rewards.geometry import box_iou
 PROBE_THRESHOLD = 0.8
 """Held-out probe accuracy at which a concept counts as visible to the base model (chance: 0.5)."""
 PROBE_BATCH = 64  # prompts per forward pass
-DECIDING = {"no_object": "no_object_count_answer", "anomaly": "anomaly_image"}
+DECIDING = {
+    "no_object": "no_object_count_answer",
+    "empty_image": "empty_image_count_think",
+    "anomaly": "anomaly_image",
+}
 """The check that decides whether each beyond-knowledge concept is visible to the base model."""
 
 
@@ -97,6 +110,12 @@ def concept_samples(concept: Concept, per_class: int, seed: int = 0) -> tuple[li
     positives = list(itertools.islice(iter_split(concept.split, seed, where=concept.positive), per_class))
     negatives = list(itertools.islice(iter_split(concept.split, seed, where=concept.negative), per_class))
     return positives + negatives, np.array([1] * len(positives) + [0] * len(negatives))
+
+
+def emptied(sample: Sample) -> Sample:
+    """A grounding item's question on an empty image (an "empty_image" item: solution `[]`)."""
+    meta = {**sample.meta, "kind": "grounding_empty", "slice": "empty_image", "no_object": True, "objects": 0}
+    return replace(sample, id=f"{sample.id}/emptied", image=empty_image(), solution="[]", meta=meta | {"scene": []})
 
 
 @torch.no_grad()
@@ -152,13 +171,27 @@ def count_question(sample: Sample) -> Sample:
     return replace(sample, task="count", problem=format_problem("count", question), solution="\\boxed{0}")
 
 
-def count_answer_accuracy(policy: Policy, samples: list[Sample], absent: np.ndarray, max_new_tokens: int) -> float:
-    """Balanced accuracy of the policy's greedy count answer being 0 exactly where the look is `absent` [N]."""
+THINK_COUNT = re.compile(r"<think>I count (\d+) ")
+"""The count a count answer's think states ("<think>I count 2 red circles.")."""
+
+
+def count_zero_accuracies(
+    policy: Policy, samples: list[Sample], absent: np.ndarray, max_new_tokens: int
+) -> dict[str, float]:
+    """Balanced accuracies of 0 against `absent` [N] in the policy's greedy answers to `count_question` of each
+    sample: {"answer": the boxed answer is 0, "think": the think's "I count N" is 0}."""
     from visurf_ray.train.evaluate import greedy_answers
 
     answers = greedy_answers(policy, [count_question(s) for s in samples], max_new_tokens)
-    says_none = np.array([count.parse_prediction(a) == 0 for a in answers])
-    return float(np.mean([np.mean(says_none[absent == 1]), np.mean(~says_none[absent == 0])]))
+    thinks = [THINK_COUNT.match(a) for a in answers]
+    says_none = {
+        "answer": np.array([count.parse_prediction(a) == 0 for a in answers]),
+        "think": np.array([t is not None and int(t.group(1)) == 0 for t in thinks]),
+    }
+    return {
+        name: float(np.mean([np.mean(zero[absent == 1]), np.mean(~zero[absent == 0])]))
+        for name, zero in says_none.items()
+    }
 
 
 def binding_outcomes(samples: list[Sample], answers: list[str]) -> dict[str, int]:
@@ -227,8 +260,9 @@ def perception_checks(
     policy: Policy, *, per_class: int = 100, per_look: int = 100, seed: int = 0, max_new_tokens: int = 128
 ) -> dict[str, float]:
     """Every check's accuracy by name (module docstring): probes `<concept>_<features>` for every feature set a
-    concept reads, "no_object_count_answer", "no_object_image_per_look" on `per_look` items per class and look, and
-    "query_binding", "query_binding_mixed" and "query_reading" on 2 · `per_class` items each."""
+    concept reads, "no_object_count_{answer,think}", "no_object_image_per_look" on `per_look` items per class and
+    look, "empty_image_count_{answer,think}" and "empty_image_prompt" on `per_class` pairs, and "query_binding",
+    "query_binding_mixed" and "query_reading" on 2 · `per_class` items each."""
     results = {}
     for name, concept in CONCEPTS.items():
         samples, labels = concept_samples(concept, per_class, seed)
@@ -236,8 +270,15 @@ def perception_checks(
         for reads in concept.reads:
             results[f"{name}_{reads}"] = probe_accuracy(features[reads], labels, seed=seed)
         if name == "no_object":
-            results["no_object_count_answer"] = count_answer_accuracy(policy, samples, labels, max_new_tokens)
+            for reads, accuracy in count_zero_accuracies(policy, samples, labels, max_new_tokens).items():
+                results[f"no_object_count_{reads}"] = accuracy
             results["no_object_image_per_look"] = look_presence_accuracy(policy, per_look, seed)
+            present = [s for s, label in zip(samples, labels, strict=True) if label == 0]
+            pairs = [emptied(s) for s in present] + present
+            empty = np.array([1] * len(present) + [0] * len(present))
+            results["empty_image_prompt"] = probe_accuracy(probe_features(policy, pairs)["prompt"], empty, seed=seed)
+            for reads, accuracy in count_zero_accuracies(policy, pairs, empty, max_new_tokens).items():
+                results[f"empty_image_count_{reads}"] = accuracy
     from visurf_ray.train.evaluate import greedy_answers
 
     queries = two_object_queries(2 * per_class, seed)

@@ -54,7 +54,7 @@ from visurf_ray.train.evaluate import evaluate, greedy_answers
 from visurf_ray.train.step import length_groups
 from visurf_ray.validation import check_choice, check_int, check_number, check_type, require
 
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 """Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
 
 REPORT_FILE = "pretrain_report.json"
@@ -282,11 +282,13 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
     """The base model's scores (fractions in [0, 1] unless named otherwise):
 
     - `eval/<set>/<metric>` of `visurf_ray.train.evaluate.evaluate` on EVAL_SPLITS (`cfg.eval_size` items each,
-      split evenly over the set's slices, seed 0)
-      and on `no_object` (posttrain items asking for an absent object);
+      split evenly over the set's slices, seed 0; grounding without its "empty_image" slice: pretraining never shows
+      an empty grounding image, so what the base model writes there is no competence measure)
+      and on `no_object` (posttrain items asking for an absent object, among other objects or on an empty image);
     - `eval/grounding/iou50`: share of the first `cfg.eval_size` eval/grounding items with objects and only colours
       seen in pretraining whose greedy box mask has IoU > 0.5 (the competence target);
-    - `eval/no_object/n_acc`: share of `[]` answers on posttrain no-object items (never taught: ~0);
+    - `eval/no_object/n_acc`, `eval/no_object/n_acc_empty_image`: share of `[]` answers on posttrain no-object items
+      among other objects and on empty images (never taught: ~0);
     - `rollout/{mixed,all_fail,all_success}`: outcome shares of `cfg.rollout_samples` samples at temperature 1 on the
       first `cfg.rollout_prompts` posttrain grounding prompts (seed 0).
     """
@@ -294,6 +296,7 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
         name: make_stratified_split(split, max(1, cfg.eval_size // len(split_slices(split))), 0)
         for name, split in EVAL_SPLITS.items()
     }
+    eval_sets["grounding"] = [s for s in eval_sets["grounding"] if s.meta["slice"] != "empty_image"]
     no_object = (s for s in iter_split("posttrain/grounding", 0) if s.meta["no_object"])
     eval_sets["no_object"] = list(itertools.islice(no_object, cfg.eval_size))
     scores = evaluate(policy, eval_sets, cfg.eval_max_new_tokens).metrics
