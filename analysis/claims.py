@@ -247,19 +247,22 @@ def _beats_baselines(cells: _Cells, roles, post_sets: dict[str, str]) -> list[Cl
 
 
 def _gain_gap(cells: _Cells, roles, column: str, others: list[str]) -> tuple[float, np.ndarray, str]:
-    """(ViSurf − RLVR) on `column` minus the largest (ViSurf − RLVR) on `others`, per draw."""
+    """(ViSurf − RLVR) on `column` minus the largest (ViSurf − RLVR) on `others`, or minus 0 where none is above 0,
+    per draw: a gain of 0 is not "largest" because ViSurf lost everywhere else."""
     visurf, rlvr = _variant(roles, "visurf"), _variant(roles, "rlvr")
     if not others:
         raise ValueError(f"no within-knowledge column to compare with ({WITHIN_KNOWLEDGE}) in the items")
     estimate, draws, detail = cells.difference(visurf, rlvr, column)
     gains = [cells.difference(visurf, rlvr, other) for other in others]
     largest = int(np.argmax([gain[0] for gain in gains]))
-    gap_draws = draws - np.max([gain[1] for gain in gains], axis=0)
-    return estimate - gains[largest][0], gap_draws, f"{detail}; largest other gain: {others[largest]}"
+    bar = max(gains[largest][0], 0.0)
+    bar_draws = np.maximum(np.max([gain[1] for gain in gains], axis=0), 0.0)
+    named = f"largest other gain: {others[largest]}" if bar > 0 else "no other gain above 0: compared with 0"
+    return estimate - bar, draws - bar_draws, f"{detail}; {named}"
 
 
 def _largest_beyond_knowledge(cells: _Cells, roles, post_sets: dict[str, str]) -> list[Claim]:
-    """Claim 2: ViSurf's gain over RLVR on each beyond-knowledge metric exceeds its largest other gain."""
+    """Claim 2: ViSurf's gain over RLVR on each beyond-knowledge metric exceeds its largest other gain (and 0)."""
     others = [f"{name}/{WITHIN_KNOWLEDGE[task]}" for name, task in post_sets.items() if task in WITHIN_KNOWLEDGE]
     claims = []
     for name, task in post_sets.items():

@@ -4,12 +4,14 @@ The input is the per-item evaluation table (`analysis.results.load_items`: one r
 eval item, with its slice and per-item values). `bootstrap` resamples it hierarchically and paired, `n_boot` times:
 - seeds with replacement, by position in each variant's sorted seeds, the same positions for every variant with as
   many seeds (so variants with the same seeds are paired by seed);
-- per eval set, items with replacement *stratified by slice* (each slice keeps its size), the same items for every
-  variant and for step 0 and the final step.
+- per eval set, items with replacement *stratified by slice* (each slice keeps its number of distinct items), the
+  same items for every variant and for step 0 and the final step. Items that show and ask the same (the same
+  "content" key, `Sample.content_key`) are one item: a greedy evaluation answers them alike, so they are drawn
+  together (a cluster bootstrap), and a slice of 100 items with 4 distinct ones gets the interval of 4 items.
 A cell (variant, column) of one draw is its metric computed per resampled seed on the resampled items, averaged over
 the resampled seeds; its point estimate is the plain metric averaged over the variant's seeds. The resamples depend
-only on the items' eval sets and slices, the seed counts, `n_boot` and `seed`: two calls with the same items and seed
-draw the same resamples whatever columns they ask for, so their cells stay paired.
+only on the items' eval sets, slices and contents, the seed counts, `n_boot` and `seed`: two calls with the same
+items and seed draw the same resamples whatever columns they ask for, so their cells stay paired.
 
 Columns: "<eval_set>/<metric>" (metric: any `visurf_ray.rewards.metrics.reported_metrics(task)` name, or "score",
 the task's headline), "<eval_set>/<metric>_change" (final step − step 0 on the same items and seeds: forgetting on
@@ -42,7 +44,8 @@ MEAN_SET = "mean"
 CHANGE_SUFFIX = "_change"
 RETAINED_PREFIX = "retained/"
 ITEM_KEYS = ("trial_id", "variant", "paradigm", "seed", "step", "eval_set", "task", "item_id", "slice")
-"""Columns every items table has; the others are per-item values (NaN where they do not apply)."""
+"""Columns every items table has; an optional "content" names items that repeat (`Sample.content_key`); the others
+are per-item values (NaN where they do not apply)."""
 POST_TRAINING_EXTRAS = {
     "grounding": ("giou_object", "n_acc_empty_image", "n_acc", "empty_rate_object"),
     "anomaly": ("accuracy_clean", "accuracy_defect"),
@@ -88,6 +91,13 @@ class _Column:
     change: bool
 
 
+def _contents(rows: pd.DataFrame) -> pd.Series:
+    """Each row's unit of resampling: its "content" key (`Sample.content_key`: items that show and ask the same are one
+    item), or its item id where the table has none."""
+    ids = "item:" + rows["item_id"].astype(str)
+    return ids if "content" not in rows.columns else rows["content"].astype(object).fillna(ids).astype(str)
+
+
 class _EvalSet:
     """One eval set's items as arrays: values [R, N] per value name, R = (trial_id, step) rows, N items."""
 
@@ -95,14 +105,19 @@ class _EvalSet:
         tasks = rows["task"].unique()
         if len(tasks) != 1:
             raise ValueError(f"eval set {name!r} mixes tasks {sorted(tasks)}")
-        items = rows[["item_id", "slice"]].drop_duplicates()
+        items = rows.assign(content=_contents(rows))[["item_id", "slice", "content"]].drop_duplicates()
         if items["item_id"].duplicated().any():
             item = items.loc[items["item_id"].duplicated(), "item_id"].iloc[0]
-            raise ValueError(f"eval set {name!r}: item {item!r} appears in more than one slice")
+            raise ValueError(f"eval set {name!r}: item {item!r} appears in more than one slice or with two contents")
+        units = items[["content", "slice"]].drop_duplicates()
+        if units["content"].duplicated().any():
+            content = units.loc[units["content"].duplicated(), "content"].iloc[0]
+            raise ValueError(f"eval set {name!r}: content {content!r} appears in more than one slice")
         items = items.sort_values(["slice", "item_id"], kind="stable")
         self.name, self.task, self.rows = name, str(tasks[0]), rows
         self.item_ids = items["item_id"].to_numpy()
         self.slices = items["slice"].to_numpy(dtype=object)
+        self.units = pd.factorize(items["content"], sort=True)[0]
         codes, self.keys = pd.MultiIndex.from_frame(rows[["trial_id", "step"]]).factorize()
         self.cells = (codes, pd.Index(self.item_ids).get_indexer(rows["item_id"]))
         if len(np.unique(self.cells[0] * len(self.item_ids) + self.cells[1])) < len(rows):
@@ -176,17 +191,19 @@ def _parse(column: str, sets: dict[str, _EvalSet], items: pd.DataFrame) -> _Colu
     return _Column(column, eval_set, base, change)
 
 
-def _item_counts(slices: np.ndarray, n_boot: int, seed: int, name: str) -> np.ndarray:
-    """[n_boot, N] counts of each item in each draw, resampled with replacement within each slice."""
+def _item_counts(slices: np.ndarray, units: np.ndarray, n_boot: int, seed: int, name: str) -> np.ndarray:
+    """[n_boot, N] counts of each item in each draw: per slice, its distinct contents (`units` [N], a code per item)
+    resampled with replacement, each drawn content bringing all its items (a cluster bootstrap; with no repeated
+    content, the items themselves)."""
     rng = np.random.default_rng([seed, 0, zlib.crc32(name.encode())])
-    size = len(slices)
-    counts = np.zeros(n_boot * size, dtype=np.int64)
-    offsets = np.arange(n_boot)[:, None] * size
+    n_units = int(units.max()) + 1
+    counts = np.zeros(n_boot * n_units, dtype=np.int64)
+    offsets = np.arange(n_boot)[:, None] * n_units
     for slice_ in sorted(set(slices)):
-        members = np.flatnonzero(slices == slice_)
+        members = np.unique(units[slices == slice_])
         picks = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
-        counts += np.bincount((offsets + picks).ravel(), minlength=n_boot * size)
-    return counts.reshape(n_boot, size)
+        counts += np.bincount((offsets + picks).ravel(), minlength=n_boot * n_units)
+    return counts.reshape(n_boot, n_units)[:, units]
 
 
 def _seed_positions(n_seeds: int, n_boot: int, seed: int) -> np.ndarray:
@@ -249,7 +266,7 @@ def bootstrap(items: pd.DataFrame, columns: Sequence[str], *, n_boot: int = 2000
     sets = {str(name): _EvalSet(str(name), rows) for name, rows in items.groupby("eval_set", sort=True)}
     parsed = [_parse(column, sets, items) for column in dict.fromkeys(columns)]
     trials = _trials(items)
-    counts = {name: _item_counts(s.slices, n_boot, seed, name) for name, s in sets.items()}
+    counts = {name: _item_counts(s.slices, s.units, n_boot, seed, name) for name, s in sets.items()}
     estimates, draws = {}, {}
     for variant, runs in trials.items():
         positions = _seed_positions(len(runs), n_boot, seed)
@@ -333,6 +350,34 @@ def paired_table(boot: Bootstrap, reference: str = "ViSurf", columns: Sequence[s
             table.loc[f"{reference} − {other}", column] = format_cell(estimate, *percentile_interval(draws))
     table.index.name = f"paired difference, {LEVEL:.0%} interval"
     return table
+
+
+def slice_sizes(items: pd.DataFrame) -> pd.DataFrame:
+    """Per (eval_set, slice) of the items table: "items" (distinct item ids) and "distinct" (distinct contents, what
+    the bootstrap resamples)."""
+    unique = items.drop_duplicates(["eval_set", "item_id"])
+    unique = unique.assign(content=_contents(unique))
+    return unique.groupby(["eval_set", "slice"], sort=False).agg(
+        items=("item_id", "size"), distinct=("content", "nunique")
+    )
+
+
+def estimates_by_step(items: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Point estimates (mean over seeds) of `columns` at every eval step all trials share: where the curves settle.
+    Rows (variant in paper order, step); cells as `bootstrap`'s estimates with that step as the final one (so a
+    `*_change` column is that step − step 0). ValueError if the trials share no eval step."""
+    steps_of = items.groupby("trial_id")["step"].unique()
+    shared = sorted(set.intersection(*(set(steps.tolist()) for steps in steps_of)))
+    require(bool(shared), "items table", "has no eval step that every trial shares")
+    rows = []
+    for step in shared:
+        boot = bootstrap(items.loc[items["step"] <= step], columns, n_boot=1)
+        rows += [
+            [variant, int(step), *(boot.estimates[(variant, c)] for c in boot.columns)] for variant in boot.variants
+        ]
+    table = pd.DataFrame(rows, columns=["variant", "step", *dict.fromkeys(columns)])
+    order = {variant: position for position, variant in enumerate(boot.variants)}
+    return table.sort_values(["variant", "step"], key=lambda k: k.map(order) if k.name == "variant" else k)
 
 
 def default_columns(items: pd.DataFrame) -> list[str]:

@@ -1,6 +1,6 @@
-"""The sweep's report: every cell with its 95% interval, the paired "ViSurf − X" table, the paper's claims with a
-verdict, ViSurf against its single-stage neighbours (LUFFY, CHORD), and what each variant was given (prompts,
-optimizer steps, wall time, evaluation's share).
+"""The sweep's report: every cell with its 95% interval, the paired "ViSurf − X" table, every cell's estimate at
+each eval step (where the curves settle), the paper's claims with a verdict, ViSurf against its single-stage
+neighbours (LUFFY, CHORD), and what each variant was given (prompts, optimizer steps, wall time, evaluation's share).
 
 A plain function of the three tables `experiments/sweep.py` writes (`analysis.results`); what it prints at the end
 of a sweep and writes to `summary.md`. Imports pandas and the analysis modules; never Ray.
@@ -11,7 +11,15 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.claims import NEIGHBOURS, evaluate_claims, evaluate_neighbours, format_claims
-from analysis.intervals import bootstrap, default_columns, half_width, interval_table, paired_table
+from analysis.intervals import (
+    bootstrap,
+    default_columns,
+    estimates_by_step,
+    half_width,
+    interval_table,
+    paired_table,
+    slice_sizes,
+)
 from analysis.results import variant_order
 
 REFERENCE = "ViSurf"
@@ -56,14 +64,17 @@ def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
 
 def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFrame, *, n_boot: int = 2000) -> str:
     """The report as markdown: intervals of every default column (`analysis.intervals.default_columns`), paired
-    differences to ViSurf, the claims, ViSurf against LUFFY and CHORD (where the sweep has either) and the budget
-    table. Intervals: 95% percentile bootstrap over eval items (stratified by slice) and seeds, paired across
-    variants by item and seed."""
+    differences to ViSurf, the same columns' estimates at every eval step, the claims, ViSurf against LUFFY and CHORD
+    (where the sweep has either) and the budget table. Intervals: 95% percentile bootstrap over distinct eval items
+    (stratified by slice) and seeds, paired across variants by item and seed; the header gives each slice's items
+    and, where some repeat, its distinct ones."""
     columns = default_columns(items)
     boot = bootstrap(items, columns, n_boot=n_boot)
     final = items.loc[items.groupby("trial_id")["step"].transform("max") == items["step"]]
-    sizes = final.drop_duplicates(["eval_set", "item_id"]).groupby(["eval_set", "slice"]).size()
-    sizes_text = "; ".join(f"{eval_set}/{slice_} {count}" for (eval_set, slice_), count in sizes.items())
+    sizes_text = "; ".join(
+        f"{eval_set}/{slice_} {count}" + (f" ({distinct} distinct)" if distinct < count else "")
+        for (eval_set, slice_), count, distinct in slice_sizes(final).itertuples(name=None)
+    )
     seeds = sorted(items["seed"].unique().tolist())
     parts = [
         f"{items['trial_id'].nunique()} trials, seeds {seeds}; eval items per slice: {sizes_text}.",
@@ -78,9 +89,16 @@ def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFra
             widths = {v: half_width(boot, v, NO_OBJECT_COLUMN) for v in boot.variants}
             widest = max(widths, key=widths.get)
             parts.append(
-                f"\nN-Acc interval half-width: at most {widths[widest]:.3f} ({widest}); the eval set's size bounds "
-                "the item part of it by 1.96·√(0.25/n) at any rate, the seeds add their own spread."
+                f"\nN-Acc interval half-width: at most {widths[widest]:.3f} ({widest}); the slice's number of distinct "
+                "items n bounds the item part of it by 1.96·√(0.25/n) at any rate, the seeds add their own spread."
             )
+    by_step = estimates_by_step(items, columns).set_index(["variant", "step"])
+    by_step.index = [f"{variant}, step {step}" for variant, step in by_step.index]
+    by_step.index.name = "variant, eval step"
+    parts += [
+        "\n## By eval step (mean over seeds): where the curves settle\n",
+        _markdown(by_step.map("{:.3f}".format).replace("nan", "–")),
+    ]
     format_columns = [f"{name}/{metric}" for name in dict.fromkeys(items["eval_set"]) for metric in FORMAT_METRICS]
     format_columns += [column for column in ABSENCE_COLUMNS if "logp_empty" in items.columns]
     parts += [

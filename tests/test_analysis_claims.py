@@ -180,6 +180,18 @@ def test_estimates_of_the_supported_sweep(verdicts):
     assert cost.detail == "paired by seed"
 
 
+def test_no_gain_beyond_knowledge_is_not_the_largest_gain():
+    """ViSurf gains nothing on no-object items and loses elsewhere: a gain of 0 is not "largest" (it is compared with
+    0, not with the losses), so the claim is not supported."""
+    visurf = outcome(iou=0.5, nacc=0, hit=0.5, clean=0, defect=1, count=1)
+    rlvr = outcome(iou=0.7, nacc=0, hit=0.8, clean=0, defect=1, count=1)
+    finals = {v: rlvr for v in VARIANTS} | {"ViSurf": visurf}
+    claims = evaluate_claims(*sweep(BASE, finals, {"other": [1.0, 1.1, 0.9, 1.0]}), n_boot=N_BOOT, seed=0)
+    (gap,) = [c for c in claims if kind(c) == 2 and "grounding/n_acc −" in c.comparison]
+    assert gap.estimate == pytest.approx(0.0) and gap.verdict != SUPPORTED
+    assert "no other gain above 0" in gap.detail
+
+
 def test_infer_roles():
     _, results, _ = supported_sweep()
     assert infer_roles(results) == {

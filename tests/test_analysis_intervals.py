@@ -1,5 +1,6 @@
 """analysis.intervals: point estimates equal the suite's metrics on hand-made items, zero-width intervals for constant
-columns, paired differences, stratification by slice, determinism, coverage on Bernoulli items, tables and errors."""
+columns, paired differences, stratification by slice, determinism, coverage on Bernoulli items, tables, estimates by
+eval step and errors."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from analysis.intervals import (
     bootstrap,
     default_columns,
     difference,
+    estimates_by_step,
     half_width,
     interval_table,
     paired_table,
     percentile_interval,
+    slice_sizes,
 )
 from visurf_ray.rewards.metrics import reported_metrics, summarise
 
@@ -152,6 +155,36 @@ def test_stratification_keeps_slice_sizes():
         assert counts.max() > 1  # items were drawn with replacement
 
 
+def test_repeated_items_are_resampled_as_one():
+    """A no-object slice of 4 distinct items shown 25 times each (one content key per distinct item) gets exactly the
+    draws of the 4 items alone; without content keys the 100 rows read as 100 items and the interval is far too
+    narrow. Slices without repeats draw as before."""
+    answers = [1, 0, 1, 1]
+
+    def items(copies: int, keyed: bool) -> pd.DataFrame:
+        slices = ["seen"] * 6 + ["no_object"] * (4 * copies)
+        empty = [0] * 6 + answers * copies
+        rows = set_rows("grounding", "grounding", slices, {"iou": [0.5] * 6 + [1.0] * (4 * copies), "empty": empty})
+        for number, row in enumerate(rows):
+            if keyed:
+                row["content"] = row["item_id"] if number < 6 else f"query-{(number - 6) % 4}"
+        return pd.DataFrame(trial_rows("ViSurf", "visurf", 0, {0: rows}))
+
+    column = ["grounding/n_acc", "grounding/score"]
+    alone, repeated, unkeyed = (bootstrap(items(*a), column, n_boot=500) for a in ((1, True), (25, True), (25, False)))
+    np.testing.assert_array_equal(alone.cell("ViSurf", column[0])[1], repeated.cell("ViSurf", column[0])[1])
+    assert half_width(repeated, "ViSurf", "grounding/n_acc") > 2.5 * half_width(unkeyed, "ViSurf", "grounding/n_acc")
+    np.testing.assert_array_equal(
+        bootstrap(hand_items(), column, n_boot=100).cell("SFT", "grounding/score")[1],
+        bootstrap(hand_items().assign(content=lambda f: f["item_id"]), column, n_boot=100).cell("SFT", column[1])[1],
+    )
+    sizes = slice_sizes(items(25, True))
+    assert sizes.loc[("grounding", "no_object")].tolist() == [100, 4] and sizes.loc[("grounding", "seen")].tolist() == [
+        6,
+        6,
+    ]
+
+
 def test_determinism_by_seed_and_stable_resamples_across_columns():
     items = hand_items()
     first = bootstrap(items, ["grounding/score", "mean/score"], n_boot=100, seed=3)
@@ -208,6 +241,26 @@ def test_tables_and_default_columns():
     assert "retained/count/score_change" not in no_retained and no_retained[-1] == "mean/score"
 
 
+def test_estimates_by_step_are_the_point_estimates_at_each_shared_step():
+    items = hand_items()
+    columns = ["grounding/n_acc", "retained/count/score_change", "mean/score"]
+    table = estimates_by_step(items, columns)
+    assert list(table.columns) == ["variant", "step", *columns]
+    assert list(zip(table["variant"], table["step"])) == [("SFT", 0), ("SFT", 10), ("ViSurf", 0), ("ViSurf", 10)]
+    final = bootstrap(items, columns, n_boot=1)
+    for row in table.itertuples(index=False):
+        if row.step == 10:
+            assert list(row[2:]) == pytest.approx([final.estimates[(row.variant, c)] for c in columns])
+        else:
+            assert row[2] == 0.0 and row[3] == 0.0  # no `[]` at step 0; a change from step 0 to itself
+    later = items.assign(trial_id=items["trial_id"] + "x", seed=items["seed"] + 2)
+    later = later[later["variant"] == "SFT"].assign(step=lambda frame: frame["step"].replace({10: 20}))
+    shared = estimates_by_step(pd.concat([items, later]), columns)
+    assert sorted(set(shared["step"])) == [0]  # step 10 and step 20 are not shared by every trial
+    with pytest.raises(ValueError, match="no eval step that every trial shares"):
+        estimates_by_step(pd.concat([items[items["step"] == 10], later[later["step"] == 0]]), columns)
+
+
 def test_errors_name_the_column_or_variant():
     items = hand_items()
     with pytest.raises(ValueError, match="grounding/nonsense"):
@@ -227,6 +280,11 @@ def test_errors_name_the_column_or_variant():
         boot.cell("RLVR", "anomaly/score")
     with pytest.raises(ValueError, match="'grounding/score' was not bootstrapped"):
         half_width(boot, "ViSurf", "grounding/score")
+    clash = items.assign(
+        content=np.where(items["item_id"].isin(["grounding-0", "grounding-9"]), "same", items["item_id"])
+    )
+    with pytest.raises(ValueError, match="content 'same' appears in more than one slice"):
+        bootstrap(clash, ["grounding/score"], n_boot=10)
     twice = pd.concat([items, items.assign(trial_id="ViSurf-0-again")[items["trial_id"] == "ViSurf-0"]])
     with pytest.raises(ValueError, match="ViSurf.*seed 0"):
         bootstrap(twice, ["anomaly/score"], n_boot=10)

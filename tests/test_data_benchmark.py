@@ -4,6 +4,7 @@ Answers are checked two ways: every solution gets its verifier's full score, and
 scene back from the pixels and re-derives the answer from the question.
 """
 
+import dataclasses
 import itertools
 import json
 import re
@@ -11,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from visurf_ray.data import benchmark
 from visurf_ray.data.benchmark import (
@@ -257,6 +259,11 @@ def test_empty_image_items_show_only_background_and_count_pretraining_shows_empt
         assert s.solution == "[]" and s.meta["no_object"] and s.meta["slice"] == "empty_image"
         assert re.fullmatch(r"Find (the \w+ \w+|all \w+ shapes)\.", s.meta["question"])
     assert np.array_equal(np.asarray(benchmark.empty_image()), pixels(empty[0]))
+    held_out = [s for s in empty if s.id.startswith("eval/")]
+    assert len({s.content_key() for s in held_out}) == len({s.problem for s in held_out}) <= 4  # 4 questions repeat
+    speck = pixels(empty[0]).copy()
+    speck[0, 0] = 0
+    assert dataclasses.replace(empty[0], image=Image.fromarray(speck)).content_key() != empty[0].content_key()
     counted_empty = [s for s in splits["pretrain"] if s.task == "count" and s.meta["objects"] == 0]
     assert counted_empty and all(s.meta["count"] == 0 for s in counted_empty)
     assert not any(s.task == "grounding" and s.meta["objects"] == 0 for s in splits["pretrain"])

@@ -64,6 +64,7 @@ def assert_round_trip(loaded, originals) -> None:
         assert (got.task, got.problem, got.solution) == (want.task, want.problem, want.solution)
         assert (got.img_width, got.img_height) == (want.img_width, want.img_height)
         assert np.array_equal(np.asarray(got.image), np.asarray(want.image)), got.id
+        assert got.content_key() == want.content_key()  # what the model is shown survives the file format
         if got.task == "grounding":
             assert got.meta["no_object"] == (want.solution == "[]")
 

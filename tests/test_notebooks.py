@@ -132,13 +132,17 @@ def test_sweep_report_prints_intervals_paired_differences_claims_and_budgets(tmp
     history = load_history(tmp_path).assign(
         prompts_seen=lambda h: h["step"] * 8, train_time_total=1.0, eval_time_total=1.0, generated_tokens_total=5.0
     )
-    report = sweep_report(load_results(tmp_path), history, load_items(tmp_path), n_boot=200)
-    sections = ("## Scores", "## ViSurf − X", "## The paper's claims", "## ViSurf vs its single-stage neighbours")
+    items = load_items(tmp_path)
+    items["content"] = items["item_id"].where(items["slice"] != "empty_image", "background")  # one repeated item
+    report = sweep_report(load_results(tmp_path), history, items, n_boot=200)
+    sections = ("## Scores", "## ViSurf − X", "## By eval step", "## The paper's claims", "## ViSurf vs its single-")
     for section in (*sections, "## What each variant was given"):
         assert section in report
     assert "| ViSurf beats LUFFY on mean | ViSurf − LUFFY: mean/score |" in report and "ViSurf − CHORD" in report
     assert "grounding/n_acc" in report and "N-Acc interval half-width" in report and "| SFT-RLVR |" in report
     assert "retained/count/score_change" in report and "50%" in report  # eval share of 1 s + 1 s
+    assert "| ViSurf, step 0 |" in report and "| ViSurf, step 3 |" in report
+    assert "grounding/empty_image 6 (1 distinct);" in report and "grounding/no_object 6;" in report
 
     row = {"step": 0, "eval_set": "count", "item_id": "a", "task": "count", "slice": "all"}
     resumed = tidy_items("t", "SFT", "sft", 0, [row | {"correct": 0.0}, row | {"correct": 1.0}])

@@ -148,15 +148,24 @@ def base_model_checks():
 
 @pytest.mark.slow
 def test_anomaly_defects_are_visible_to_the_base_model(base_model_checks):
-    """A linear probe on the base model's image tokens tells clean from defective textures (measured 0.848)."""
+    """A linear probe on the base model's image tokens tells clean from defective textures (measured 0.828)."""
     assert base_model_checks[DECIDING["anomaly"]] >= PROBE_THRESHOLD
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="asked 'How many <colour> <shape>s are there?', the recipe-6 base model's think counts 0 on every empty "
+    "image but also on 68 % of the one-object images the grounding question was about (balanced accuracy 0.658 < "
+    "0.8; its boxed answers 0.687; 'How many shapes are there?' on the same pairs: 0 on 64 % of one-object images), "
+    "although a linear probe on the grounding prompt's last hidden state separates the pairs at 0.997: the image "
+    "state holds the absence, the count behaviour does not show it. The 0.947 recorded before came from a base "
+    "model built by an earlier state of the benchmark code under the same cache name (README, 'Perception checks'); "
+    "strict, so that this test fails once a base model passes",
+)
 def test_an_empty_image_is_visible_to_the_base_model(base_model_checks):
     """Asked "How many <colour> <shape>s are there?", the base model's think counts 0 on an empty image and not on
-    the one-object image the grounding question was about (measured 0.947; its boxed answers 0.533, the grounding
-    prompt's state 1.000)."""
+    the one-object image the grounding question was about."""
     assert base_model_checks[DECIDING["empty_image"]] >= PROBE_THRESHOLD
 
 
@@ -164,12 +173,12 @@ def test_an_empty_image_is_visible_to_the_base_model(base_model_checks):
 @pytest.mark.xfail(
     strict=True,
     reason="the tiny base model does not see whether the asked look is among other objects: asked 'How many "
-    "<colour> <shape>s are there?' on the no-object images, its answer is 0 at chance (balanced accuracy 0.505 < "
-    "0.8 with recipe 6), so this gRefCOCO-like slice cannot show ViSurf's effect (the empty_image slice can). Why "
-    "(query_binding 0.579, chance 0.5): it finds *an* object without reading which one was asked, reads a box's "
-    "columns and rows from different objects (phantom boxes 0.34) and barely reads the question (query_reading "
-    "0.05); a count-only model counts all shapes at 0.995 but never filters by colour or shape; thirteen "
-    "base-model changes left it at chance (README); strict, so that this test fails once a base model passes",
+    "<colour> <shape>s are there?' on the no-object images, its answer is 0 at chance (balanced accuracy 0.520 < "
+    "0.8 with recipe 6), so this gRefCOCO-like slice cannot show ViSurf's effect. Why (query_binding 0.541, "
+    "chance 0.5): it finds *an* object without reading which one was asked, reads a box's columns and rows from "
+    "different objects (phantom boxes 0.27) and barely reads the question (query_reading 0.22); a count-only "
+    "model counts all shapes at 0.995 but never filters by colour or shape; thirteen base-model changes left it "
+    "at chance (README); strict, so that this test fails once a base model passes",
 )
 def test_absence_is_visible_to_the_base_model(base_model_checks):
     assert base_model_checks[DECIDING["no_object"]] >= PROBE_THRESHOLD

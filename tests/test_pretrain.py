@@ -86,6 +86,32 @@ def test_config_key_is_stable_and_covers_every_field():
     assert len(keys) == 5
 
 
+def test_config_key_covers_the_pretraining_data(monkeypatch):
+    """A change to the benchmark's pretraining items (here one count question reworded) gives a new cache folder, so
+    a cached base model never outlives the data it was pretrained on."""
+    from visurf_ray.train import pretrain
+
+    before = pretrain.PretrainConfig().key()
+    real = pretrain.iter_split
+
+    def reworded(name, seed, where=None):
+        for sample in real(name, seed, where):
+            yield (
+                replace(sample, problem=sample.problem.replace("How many", "Count the"))
+                if sample.task == "count"
+                else sample
+            )
+
+    monkeypatch.setattr(pretrain, "iter_split", reworded)
+    pretrain.pretraining_data_digest.cache_clear()
+    try:
+        assert pretrain.PretrainConfig().key() != before
+    finally:
+        monkeypatch.undo()
+        pretrain.pretraining_data_digest.cache_clear()
+    assert pretrain.PretrainConfig().key() == before
+
+
 def test_pretrain_cli_changes_model_fields_by_name():
     from experiments.pretrain_base import main, spec_with
     from visurf_ray.models.tiny import TinyVLMSpec
@@ -293,15 +319,16 @@ def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path, tiny_con
 
 @pytest.mark.slow
 def test_default_base_model_has_partial_competence(tmp_path):
-    """The default recipe (minutes on 2 cores): the format right, never `[]`, 20-70% of boxes right, and rollout
-    groups with mixed outcomes (the base model's competence targets). Count's answer format is held to 0.8: recipe 6
-    measures 0.85 (recipe 5 1.00), its boxed number sometimes missing after a think that states a count."""
+    """The default recipe (minutes on 2 cores): the format right (grounding: on the seen slice, what pretraining
+    teaches), never `[]`, 20-70% of boxes right, and rollout groups with mixed outcomes (the base model's competence
+    targets). Count's formats are held to 0.9: recipe 6 measures 0.92 for both (recipe 5 1.00), with two think or
+    answer blocks in 5 % of its count answers."""
     from visurf_ray.train.pretrain import PretrainConfig, pretrain_base
 
     scores = pretrain_base(PretrainConfig(), tmp_path / "base")
     for name in ("grounding", "gui_point", "anomaly", "count"):
-        assert scores[f"eval/{name}/mean_thinking_format"] >= 0.95, name
-        assert scores[f"eval/{name}/mean_answer_format"] >= (0.8 if name == "count" else 0.95), name
+        assert scores[f"eval/{name}/mean_thinking_format"] >= (0.9 if name == "count" else 0.95), name
+        assert scores[f"eval/{name}/mean_answer_format"] >= (0.9 if name == "count" else 0.95), name
     assert scores["eval/no_object/n_acc"] <= 0.02 and scores["eval/no_object/n_acc_empty_image"] <= 0.02
     assert 0.2 <= scores["eval/grounding/iou50"] <= 0.7
     assert scores["rollout/mixed"] > 0

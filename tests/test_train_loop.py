@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,7 @@ def test_runs_write_eval_items_and_share_the_starting_evaluation(small_config, t
         slices = ["empty_image"] * 4 + ["no_object"] * 4 + ["seen"] * 4 + ["unseen_attribute"] * 4
         assert sorted(r["slice"] for r in grounding) == slices
         assert all({"iou", "empty", "logp_empty", "multi_block"} <= set(r) for r in grounding)
+        assert all(re.fullmatch("[0-9a-f]{16}", r["content"]) for r in found)
         count = [r for r in found if r["step"] == 1 and r["eval_set"] == "retained/count"]
         assert len(count) == 4 and all(r["slice"] == "all" and "correct" in r for r in count)
 

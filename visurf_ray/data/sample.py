@@ -4,6 +4,7 @@ Shared by the synthetic benchmark and the real-data loaders; the trainer and the
 Imports PIL only: never torch, ray or transformers.
 """
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -40,3 +41,12 @@ class Sample:
             f"{self.img_width}x{self.img_height}",
         )
         object.__setattr__(self, "meta", dict(self.meta))
+
+    def content_key(self) -> str:
+        """A digest of what the model is shown (the question and the image's pixels): items with equal keys are one
+        item to a greedy evaluation, e.g. the offline benchmark's empty-image queries, which repeat 4 questions."""
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(self.problem.encode())
+        digest.update(f"{self.image.mode} {self.image.size}".encode())
+        digest.update(self.image.tobytes())
+        return digest.hexdigest()

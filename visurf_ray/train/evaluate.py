@@ -30,8 +30,9 @@ ANSWER_OPEN = "<answer>"
 class Evaluation:
     """metrics: `eval/<set>/<metric>` for every set and reported metric (NaN ones left out), `eval/<set>/score` (the
     task's headline) and `eval/mean_score` (mean of the sets' scores; the sweep's default objective).
-    items: one row per eval item: eval_set, item_id, task, slice and its values (`rewards.metrics.item_values`;
-    items of tasks with an ABSTAIN_ANSWER, e.g. grounding, also "logp_empty")."""
+    items: one row per eval item: eval_set, item_id, content (`Sample.content_key`: repeated items share it), task,
+    slice and its values (`rewards.metrics.item_values`; items of tasks with an ABSTAIN_ANSWER, e.g. grounding, also
+    "logp_empty")."""
 
     metrics: dict[str, float]
     items: list[dict]
@@ -98,7 +99,7 @@ def _set_rows(policy: Policy, label: str, samples: list[Sample], max_new_tokens:
         for row, logp in zip(values, abstain_answer_logprobs(policy, samples, answers, abstain)):
             row["logp_empty"] = logp
     return [
-        {"eval_set": label, "item_id": s.id, "task": task, "slice": sample_slice(s), **row}
+        {"eval_set": label, "item_id": s.id, "content": s.content_key(), "task": task, "slice": sample_slice(s), **row}
         for s, row in zip(samples, values)
     ]
 

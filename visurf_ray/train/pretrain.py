@@ -12,6 +12,7 @@ Imports torch and transformers (through `visurf_ray.models`); never Ray.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -56,6 +57,9 @@ from visurf_ray.validation import check_choice, check_int, check_number, check_t
 
 RECIPE_VERSION = 6
 """Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
+DATA_FINGERPRINT_ITEMS = 256
+"""Pretraining items whose content (question, pixels, target text) is part of the cache key: a change to the
+benchmark's generators then builds a new base model instead of reusing one pretrained on other data."""
 
 REPORT_FILE = "pretrain_report.json"
 EVAL_SPLITS = {
@@ -66,6 +70,16 @@ EVAL_SPLITS = {
 }
 """Evaluation set name (scores `eval/<name>/<metric>`) -> benchmark split."""
 ROLLOUT_SPLIT = "posttrain/grounding"
+
+
+@functools.lru_cache(maxsize=8)
+def pretraining_data_digest(seed: int) -> str:
+    """16 hex digits of the first DATA_FINGERPRINT_ITEMS items of the "pretrain" split for `seed`: their content keys
+    (`Sample.content_key`) and target texts."""
+    digest = hashlib.sha256()
+    for sample in itertools.islice(iter_split("pretrain", seed), DATA_FINGERPRINT_ITEMS):
+        digest.update(f"{sample.content_key()}|{target_text(sample)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -157,9 +171,10 @@ class PretrainConfig:
             check_type(f"PretrainConfig.curriculum[{index}]", stage, CurriculumStage, "a CurriculumStage")
 
     def key(self) -> str:
-        """12 hex digits identifying this recipe (every field and RECIPE_VERSION): the cache folder's suffix."""
-        text = json.dumps({"recipe_version": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """12 hex digits identifying this recipe (every field, RECIPE_VERSION and `pretraining_data_digest`): the
+        cache folder's suffix."""
+        recipe = {"recipe_version": RECIPE_VERSION, "data": pretraining_data_digest(self.seed), **asdict(self)}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
     def lr_at(self, step: int) -> float:
         """Learning rate of update `step` (0-based): linear warmup to `lr`, then `schedule` down to the final ratio
@@ -282,8 +297,8 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
     """The base model's scores (fractions in [0, 1] unless named otherwise):
 
     - `eval/<set>/<metric>` of `visurf_ray.train.evaluate.evaluate` on EVAL_SPLITS (`cfg.eval_size` items each,
-      split evenly over the set's slices, seed 0; grounding without its "empty_image" slice: pretraining never shows
-      an empty grounding image, so what the base model writes there is no competence measure)
+      split evenly over the set's slices, seed 0; grounding only its "seen" slice: pretraining never shows purple, an
+      absent object or an empty grounding image, so what the base model writes there is no competence measure)
       and on `no_object` (posttrain items asking for an absent object, among other objects or on an empty image);
     - `eval/grounding/iou50`: share of the first `cfg.eval_size` eval/grounding items with objects and only colours
       seen in pretraining whose greedy box mask has IoU > 0.5 (the competence target);
@@ -292,11 +307,13 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
     - `rollout/{mixed,all_fail,all_success}`: outcome shares of `cfg.rollout_samples` samples at temperature 1 on the
       first `cfg.rollout_prompts` posttrain grounding prompts (seed 0).
     """
+    seen = iter_split(EVAL_SPLITS["grounding"], 0, where=lambda meta: meta["slice"] == "seen")
     eval_sets = {
-        name: make_stratified_split(split, max(1, cfg.eval_size // len(split_slices(split))), 0)
+        name: list(itertools.islice(seen, cfg.eval_size))
+        if name == "grounding"
+        else make_stratified_split(split, max(1, cfg.eval_size // len(split_slices(split))), 0)
         for name, split in EVAL_SPLITS.items()
     }
-    eval_sets["grounding"] = [s for s in eval_sets["grounding"] if s.meta["slice"] != "empty_image"]
     no_object = (s for s in iter_split("posttrain/grounding", 0) if s.meta["no_object"])
     eval_sets["no_object"] = list(itertools.islice(no_object, cfg.eval_size))
     scores = evaluate(policy, eval_sets, cfg.eval_max_new_tokens).metrics
