@@ -19,8 +19,9 @@ Item kinds (`KINDS`, registered with `register_kind`; each answer is in its task
   Half of the single-object queries name a colour and a shape that are each present on other objects.
 - grounding_empty: the same queries on an empty image (background only) -> `[]`. The tiny base model cannot tell
   whether *the asked* look is among other objects (it does not bind the query to the image, see
-  `visurf_ray.train.perception`), but it does see that nothing is there (count pretraining shows empty images), so
-  this is the no-object slice whose concept is visible to it; grounding_none stays as the gRefCOCO-like slice.
+  `visurf_ray.train.perception`); that nothing is there is simpler (count pretraining shows empty images), and its
+  grounding prompt's state separates empty images, though its count answers do not pass the deciding check (README,
+  "Perception checks"); grounding_none stays as the gRefCOCO-like slice.
 - gui_point: a window (title bar on row 0) with 2-4 grey buttons labelled with distinct digits 1-9; "Click the button
   labelled 3." -> that button's box and centre (the verifier accepts any point inside the box).
 - anomaly_defect / anomaly_clean: a periodic texture (stripes, checks or dots) on the background colour with /

@@ -25,8 +25,8 @@ any post-training. Classes are balanced (chance 0.5); a concept counts as visibl
   - "query_reading" (diagnostic, the language side): of the greedy answers to count questions that name a look ("How
     many red circles / red shapes / circles are there?", pretraining forms), the share whose think names the asked
     look ("I count 2 red circles."): whether the language model reads the question at all.
-- "empty_image" (is anything there? the no-object slice the tiny base model can see): each single-object item of
-  "no_object" beside the same question on an empty image (`emptied`), matched pairs:
+- "empty_image" (is anything there? the simpler no-object slice, meant for a model of this size): each
+  single-object item of "no_object" beside the same question on an empty image (`emptied`), matched pairs:
   - "empty_image_count_think" (deciding): asked "How many red circles are there?" on both images, the count the
     greedy answer's think states ("I count 0 circles.") — balanced accuracy of 0 against the empty image. The think,
     not the boxed number, decides this concept: the tiny base model's boxed count disagrees with its own think on most
