@@ -1,4 +1,5 @@
-"""vLLM against HF generate as the rollout engine: engine start-up, sampling time and log-prob agreement.
+"""vLLM against the HF backend (`models.generation.generate`) as the rollout engine: engine start-up, sampling time
+and log-prob agreement.
 
     .venv-vllm/bin/python benchmarks/vllm_rollout.py                        # tiny base model, float32, CPU
     .venv-vllm/bin/python benchmarks/vllm_rollout.py --dtype bfloat16 --rounds 6 --json /tmp/vllm.json

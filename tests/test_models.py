@@ -497,6 +497,48 @@ def test_generate_round_trip_stops_at_eos_and_never_samples_vision_tokens(policy
     assert torch.isfinite(logp).all() and mask.sum() == sum(len(ids) for ids in completions)
 
 
+def transformers_generate(policy, prompts, copies: int, max_new_tokens: int, seed: int, **sampling) -> list[list[int]]:
+    """Hugging Face `generate` on `copies` copies of each prompt, completions cut after their eos: the reference of
+    visurf_ray's `generate`."""
+    tokenizer = policy.tokenizer
+    prompts = prompts.select([row for row in range(len(prompts)) for _ in range(copies)])
+    do_sample = sampling.get("do_sample", True)
+    options = {"temperature": sampling.get("temperature", 1.0), "top_p": sampling.get("top_p", 1.0), "top_k": 0}
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        sequences = policy.model.generate(
+            **prompts.model_inputs(),
+            do_sample=do_sample,
+            **(options if do_sample else {}),
+            repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=suppressed_token_ids(tokenizer),
+        )
+    eos = tokenizer.eos_token_id
+    rows = sequences[:, prompts.prompt_length :].tolist()
+    return [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in rows]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"temperature": 0.7}, {"top_p": 0.8}, {"do_sample": False}],
+    ids=["temperature-1", "temperature-0.7", "top-p-0.8", "greedy"],
+)
+def test_generate_gives_transformers_generate_tokens(policy, sampling):
+    """Each prompt run once for all its copies and finished rows dropped from the batch: still the tokens of
+    transformers' `generate` (its multinomial draws included), row for row."""
+    eos = policy.tokenizer.eos_token_id
+    with_biased_head(policy, {eos: 3.0})  # rows end at different steps, so the batch shrinks as it decodes
+    prompts = encode_prompts(policy, IMAGES, QUESTIONS)
+    rollouts = generate(policy, prompts, num_return_sequences=6, max_new_tokens=24, seed=3, **sampling)
+    reference = transformers_generate(policy, prompts, copies=6, max_new_tokens=24, seed=3, **sampling)
+    assert rollouts.completion_ids == reference
+    if sampling.get("do_sample", True):
+        assert len({len(ids) for ids in reference}) > 2
+
+
 def test_cached_generation_and_training_forward_give_the_same_logits(policy):
     """Generation (KV cache, positions from cached rope deltas) and the one-pass training forward over prompt +
     completion (positions from mm_token_type_ids) must score every completion token alike."""

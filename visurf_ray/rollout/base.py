@@ -1,6 +1,7 @@
 """The rollout interface: prompts in, G sampled completions per prompt out (`models.generation.Rollouts`).
 
-Backends (HF generate and vLLM, each on CPU or GPU) implement `RolloutBackend`; the trainer sees nothing else.
+Backends (HF: the trained module samples, `models.generation.generate`; vLLM; each on CPU or GPU) implement
+`RolloutBackend`; the trainer sees nothing else.
 Imports torch only; never Ray.
 """
 

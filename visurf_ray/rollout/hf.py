@@ -1,5 +1,6 @@
-"""Rollouts with Hugging Face `generate` on the policy module itself (CPU or GPU): batched, KV cache, vision and
-control tokens suppressed. The module being trained samples, so no weight sync is needed. Never imports Ray."""
+"""Rollouts from the policy module itself (CPU or GPU; `models.generation.generate`, the tokens of transformers'
+`generate`): batched, KV cache, vision and control tokens suppressed. The module being trained samples, so no weight
+sync is needed. Never imports Ray."""
 
 from __future__ import annotations
 
