@@ -187,7 +187,7 @@ def test_full_default_sweep(monkeypatch):
     assert results["value"].notna().all()
     items = pd.read_parquet(out_dir / "items.parquet")
     per_trial = items.groupby(["trial_id", "step"]).size()
-    assert set(per_trial.index.get_level_values("step")) == {0, 24} and (per_trial == 700).all()  # 100 per slice
+    assert set(per_trial.index.get_level_values("step")) == {0, 24} and (per_trial == 800).all()  # 8 slices × 100
     summary = (out_dir / "summary.md").read_text()
     assert "## The paper's claims on this sweep" in summary and "ViSurf − RLVR" in summary
     assert "ViSurf − LUFFY" in summary and "ViSurf − CHORD" in summary
