@@ -17,9 +17,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from visurf_ray.models.inputs import PromptBatch, VisionLanguageModel
+from visurf_ray.models.inputs import PromptBatch, VisionLanguageModel, prompt_positions, require_kv_cache
 from visurf_ray.models.policy import Policy
-from visurf_ray.validation import ValidationError, check_int, check_number, require
+from visurf_ray.validation import check_int, check_number, require
 
 
 @dataclass
@@ -102,8 +102,7 @@ def generate(
         check_number("temperature", temperature, low=0, low_open=True, note="(sampling)")
         check_number("top_p", top_p, low=0, high=1, low_open=True, note="(sampling)")
     model = policy.model
-    if getattr(model, "is_gradient_checkpointing", False) and model.training:
-        raise ValidationError("generate needs the key/value cache, which gradient checkpointing drops in train mode")
+    require_kv_cache(model, "generate")
     tokenizer = policy.tokenizer
     device = policy.device
     # transformers' own processors, in the order and under the conditions of its `generate`
@@ -146,12 +145,7 @@ def _decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode `copies` completions of each prompt: tokens [B * copies, max_new_tokens] (prompt-major; a row's tokens
     after its eos are unset) and each row's length [B * copies] (up to and including its eos)."""
-    positions, _ = model.model.get_rope_index(
-        input_ids=prompts.input_ids,
-        mm_token_type_ids=prompts.mm_token_type_ids,
-        image_grid_thw=prompts.image_grid_thw,
-        attention_mask=prompts.attention_mask,
-    )
+    positions, next_position = prompt_positions(model, prompts)
     cache = DynamicCache()
     logits = model(
         **prompts.model_inputs(), position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
@@ -159,7 +153,7 @@ def _decode(
     cache.batch_repeat_interleave(copies)
     logits = logits.repeat_interleave(copies, dim=0)
     attention_mask = prompts.attention_mask.repeat_interleave(copies, dim=0)
-    next_position = (positions.amax(dim=(0, 2)) + 1).repeat_interleave(copies, dim=0)
+    next_position = next_position.repeat_interleave(copies, dim=0)
     rows = logits.shape[0]
     tokens = torch.empty((rows, max_new_tokens), dtype=torch.long, device=logits.device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=logits.device)

@@ -380,16 +380,34 @@ class PromptStates:
     next_position: torch.Tensor
 
 
+def require_kv_cache(model: VisionLanguageModel, user: str) -> None:
+    """`user` runs the model with its key/value cache, which gradient checkpointing drops in train mode
+    (transformers' GradientCheckpointingLayer)."""
+    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+        raise ValidationError(f"{user} needs the key/value cache, which gradient checkpointing drops in train mode")
+
+
+def prompt_positions(model: VisionLanguageModel, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multimodal rotary positions [3, B, P] of B left-padded prompts, and each prompt's next position [B]: that of
+    its first completion token (text positions continue after the prompt's largest multimodal position)."""
+    positions, _ = model.model.get_rope_index(
+        input_ids=prompts.input_ids,
+        mm_token_type_ids=prompts.mm_token_type_ids,
+        image_grid_thw=prompts.image_grid_thw,
+        attention_mask=prompts.attention_mask,
+    )
+    return positions, positions.amax(dim=(0, 2)) + 1
+
+
 def prompt_states(
     model: VisionLanguageModel, prompts: PromptBatch, features: list[torch.Tensor] | None = None
 ) -> PromptStates:
     """Run the language model once over B prompts and keep its key/value states.
 
     features: the prompts' image features (`image_features(model, prompts)`, computed when None). Not usable under
-    gradient checkpointing, which drops the key/value cache (transformers' GradientCheckpointingLayer).
+    gradient checkpointing in train mode (`require_kv_cache`).
     """
-    if getattr(model, "is_gradient_checkpointing", False) and model.training:
-        raise ValidationError("prompt_states needs the key/value cache, which gradient checkpointing drops")
+    require_kv_cache(model, "prompt_states")
     if features is not None:
         _require_image_tokens(prompts.input_ids, sum(f.shape[0] for f in features), model.config.image_token_id)
     device = next(model.parameters()).device
@@ -397,12 +415,7 @@ def prompt_states(
     if features is None:
         features = image_features(model, prompts)
     embeddings = _embed_with_images(model, prompts.input_ids, torch.cat(list(features)))
-    positions, _ = model.model.get_rope_index(
-        input_ids=prompts.input_ids,
-        mm_token_type_ids=prompts.mm_token_type_ids,
-        image_grid_thw=prompts.image_grid_thw,
-        attention_mask=prompts.attention_mask,
-    )
+    positions, next_position = prompt_positions(model, prompts)
     cache = DynamicCache()
     outputs = model.model.language_model(
         inputs_embeds=embeddings,
@@ -422,7 +435,7 @@ def prompt_states(
         values=values,
         last_hidden=outputs.last_hidden_state[:, -1],  # left padding: the last column is every prompt's last token
         attention_mask=prompts.attention_mask,
-        next_position=positions.amax(dim=(0, 2)) + 1,
+        next_position=next_position,
     )
 
 
