@@ -3,18 +3,23 @@
 Examples:
     python experiments/perception.py                         # the cached tiny base model
     python experiments/perception.py --model /path/to/ckpt   # any local Qwen2.5-VL checkpoint folder
-Prints every check's accuracy (chance 0.5), the threshold, and whether each beyond-knowledge slice's concept is
-visible (`visurf_ray.train.perception`: the deciding check of each concept).
+Prints every check's accuracy (chance 0.5) with its 95 % interval over items, the threshold, and whether each
+beyond-knowledge slice's concept is visible (`visurf_ray.train.perception`: the deciding check of each concept
+reaches the threshold; a verdict whose interval contains the threshold is marked as within item noise).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from visurf_ray.config import TINY_BASE_MODEL, ModelConfig
 
+if TYPE_CHECKING:
+    from visurf_ray.train.perception import Accuracy
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+
+def main(argv: list[str] | None = None) -> dict[str, Accuracy]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY_BASE_MODEL, help="checkpoint folder, or tiny-base")
     parser.add_argument("--per-class", type=int, default=300, help="items per class of each concept")
@@ -28,10 +33,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     policy = resolve_policy(ModelConfig(path=args.model))
     results = perception_checks(policy, per_class=args.per_class, per_look=args.per_look, seed=args.seed)
     for name, accuracy in results.items():
-        print(f"{name:<24} {accuracy:.3f}")
+        print(f"{name:<24} {accuracy}")
     for concept, check in DECIDING.items():
-        verdict = "visible" if results[check] >= PROBE_THRESHOLD else "NOT visible"
-        print(f"{concept}: {verdict} ({check} {results[check]:.3f}, threshold {PROBE_THRESHOLD})")
+        accuracy = results[check]
+        verdict = "visible" if accuracy.value >= PROBE_THRESHOLD else "NOT visible"
+        noise = " (within item noise)" if abs(accuracy.value - PROBE_THRESHOLD) <= accuracy.half_width else ""
+        print(f"{concept}: {verdict}{noise} ({check} {accuracy}, threshold {PROBE_THRESHOLD})")
     return results
 
 

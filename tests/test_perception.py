@@ -11,6 +11,7 @@ from visurf_ray.train.perception import (
     CONCEPTS,
     DECIDING,
     PROBE_THRESHOLD,
+    Accuracy,
     binding_outcomes,
     binding_share,
     concept_samples,
@@ -35,12 +36,13 @@ def test_concept_items_are_balanced_and_labelled_by_their_meta():
     assert [s.meta["slice"] for s in samples] == ["clean"] * 5 + ["defect"] * 5 and labels.sum() == 5
 
 
-def test_count_question_asks_for_the_grounding_querys_look_on_the_same_image():
+def test_count_question_asks_for_the_grounding_querys_look_or_every_shape_on_the_same_image():
     samples, _ = concept_samples(CONCEPTS["no_object"], 1)
     for sample in samples:
-        asked = count_question(sample)
+        asked, every = count_question(sample), count_question(sample, look=False)
         assert f"How many {sample.meta['attribute']} {sample.meta['shape']}s are there?" in asked.problem
-        assert asked.task == "count" and asked.image is sample.image
+        assert "How many shapes are there?" in every.problem and sample.meta["shape"] not in every.problem
+        assert asked.task == every.task == "count" and asked.image is every.image is sample.image
 
 
 def test_emptied_asks_the_same_question_on_an_empty_image():
@@ -76,14 +78,14 @@ def test_query_binding_counts_finds_of_the_asked_object_among_finds_of_either():
         (x1, _, x2, _), (_, y1, _, y2) = target[0]["bbox_2d"], distractor["bbox_2d"]
         mixed.append(_answer([x1, y1, x2, y2]))  # the asked object's columns, the other's rows
     assert binding_outcomes(samples, asked) == {"asked": 4, "other": 0, "mixed": 0, "none": 0}
-    assert binding_share(binding_outcomes(samples, asked)) == 1.0
-    assert binding_share(binding_outcomes(samples, other)) == 0.0
-    assert binding_share(binding_outcomes(samples, asked[:2] + other[2:])) == 0.5
+    assert binding_share(binding_outcomes(samples, asked)).value == 1.0
+    assert binding_share(binding_outcomes(samples, other)).value == 0.0
+    assert binding_share(binding_outcomes(samples, asked[:2] + other[2:])).value == 0.5
     missing = ["<answer>[]</answer>", "no answer", _answer([0, 0, 3, 3]), asked[3]]
     outcomes = binding_outcomes(samples, missing)
     assert outcomes == {"asked": 1, "other": 0, "mixed": 0, "none": 3}
-    assert binding_share(outcomes) == 1.0  # only the one answer that finds an object counts
-    assert np.isnan(binding_share(binding_outcomes(samples[:1], missing[:1])))
+    assert binding_share(outcomes).value == 1.0  # only the one answer that finds an object counts
+    assert np.isnan(binding_share(binding_outcomes(samples[:1], missing[:1])).value)
     apart = [  # objects in different rows and columns: the phantom is neither of them
         i
         for i, s in enumerate(samples)
@@ -98,20 +100,31 @@ def test_query_reading_checks_that_the_think_names_the_asked_look():
     questions = reading_questions(30)
     assert {q.meta["form"] for q in questions} == {"colour", "shape", "colour_shape"}
     taught = [f"<think>{q.meta['think']}</think><answer>{q.solution}</answer>" for q in questions]
-    assert reading_share(questions, taught) == 1.0  # the pretraining targets name the asked look
+    assert reading_share(questions, taught).value == 1.0  # the pretraining targets name the asked look
     wrong = ["<think>I count 1 blue triangle.</think><answer>\\boxed{1}</answer>"] * len(questions)
-    assert reading_share(questions, wrong) == np.mean(["How many blue triangles" in q.problem for q in questions])
-    assert reading_share(questions[:2], ["no think", "<think>I count two red circles.</think>"]) == 0.0
+    assert reading_share(questions, wrong).value == np.mean(["How many blue triangles" in q.problem for q in questions])
+    assert reading_share(questions[:2], ["no think", "<think>I count two red circles.</think>"]).value == 0.0
     with pytest.raises(ValueError, match="How many"):
         reading_share(concept_samples(CONCEPTS["anomaly"], 1)[0][:1], taught[:1])
+
+
+def test_accuracy_is_the_mean_of_group_shares_with_their_binomial_interval():
+    balanced = Accuracy.of(np.array([True] * 270 + [False] * 30), np.array([True] * 150 + [False] * 150))
+    assert balanced.groups == ((270, 300), (150, 300)) and balanced.value == pytest.approx(0.7, abs=1e-15)
+    variance = (0.9 * 0.1 / 300 + 0.5 * 0.5 / 300) / 4
+    assert balanced.half_width == pytest.approx(1.959964 * np.sqrt(variance), rel=1e-12)
+    assert Accuracy(((5, 5),)).half_width == 0.0 and np.isnan(Accuracy(()).value)
+    assert str(Accuracy(((3, 4),))) == "0.750 ± 0.424"
+    with pytest.raises(ValueError, match=r"Accuracy.groups .*3/2"):
+        Accuracy(((3, 2),))
 
 
 def test_probe_reads_a_separable_concept_and_not_noise():
     rng = np.random.default_rng(0)
     labels = np.array([0, 1] * 50)
     separable = rng.normal(size=(100, 20)) + labels[:, None] * 3.0
-    assert probe_accuracy(separable, labels) == 1.0
-    assert abs(probe_accuracy(rng.normal(size=(100, 20)), labels) - 0.5) < 0.15
+    assert probe_accuracy(separable, labels).value == 1.0
+    assert abs(probe_accuracy(rng.normal(size=(100, 20)), labels).value - 0.5) < 0.15
 
 
 def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
@@ -127,6 +140,8 @@ def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
         "no_object_count_think",
         "no_object_image_per_look",
         "empty_image_prompt",
+        "empty_image_all_answer",
+        "empty_image_all_think",
         "empty_image_count_answer",
         "empty_image_count_think",
         "anomaly_image",
@@ -134,9 +149,10 @@ def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
     }
     diagnostics = {"query_binding", "query_binding_mixed", "query_reading"}
     assert set(results) == probes | diagnostics and set(DECIDING.values()) <= probes
-    assert all(0.0 <= results[name] <= 1.0 for name in probes)
-    assert np.isnan(results["query_binding"])  # 4 tokens cannot hold a box: no answer finds an object
-    assert results["query_binding_mixed"] == 0.0 and results["query_reading"] == 0.0  # nor a look after a count
+    assert all(0.0 <= results[name].value <= 1.0 for name in probes)
+    assert np.isnan(results["query_binding"].value)  # 4 tokens cannot hold a box: no answer finds an object
+    # nor a phantom box, nor a look after a count
+    assert results["query_binding_mixed"].value == 0.0 and results["query_reading"].value == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -146,21 +162,14 @@ def base_model_checks():
     return perception_checks(load_policy(ensure_base_model()), per_class=300)
 
 
-EMPTY_IMAGE_NOT_SEEN = (
-    "asked 'How many <colour> <shape>s are there?', the recipe-6 base model's think counts 0 on every empty image but "
-    "also on 68 % of the one-object images the grounding question was about (balanced accuracy 0.658 < 0.8; its "
-    "boxed answers 0.687; 'How many shapes are there?' on the same pairs: 0 on 64 % of one-object images), although "
-    "a linear probe on the grounding prompt's last hidden state separates the pairs at 0.997: the state holds the "
-    "absence, the count behaviour does not show it. The 0.947 recorded before came from a base model built by an "
-    "earlier state of the benchmark code under the same cache name (README, 'Perception checks')"
-)
 ABSENCE_NOT_SEEN = (
     "the tiny base model does not see whether the asked look is among other objects: asked 'How many <colour> "
-    "<shape>s are there?' on the no-object images, its answer is 0 at chance (balanced accuracy 0.520 < 0.8 with "
-    "recipe 6), so this gRefCOCO-like slice cannot show ViSurf's effect. Why (query_binding 0.541, chance 0.5): it "
-    "finds *an* object without reading which one was asked, reads a box's columns and rows from different objects "
-    "(phantom boxes 0.27) and barely reads the question (query_reading 0.22); a count-only model counts all shapes "
-    "at 0.995 but never filters by colour or shape; thirteen base-model changes left it at chance (README)"
+    "<shape>s are there?' on the no-object images, its answer is 0 at chance (balanced accuracy 0.495 < 0.8, the "
+    "default recipe of session 12), so this gRefCOCO-like slice cannot show ViSurf's effect. Why (query_binding 0.499, "
+    "chance 0.5): it finds *an* object without reading which one was asked and reads a box's columns and rows from "
+    "different objects (phantom boxes 0.30), although its thinks now name the asked look (query_reading 0.64); a "
+    "count-only model counts all shapes at 0.995 but never filters by colour or shape; every base-model change "
+    "tried left it at chance (README)"
 )
 
 
@@ -168,12 +177,12 @@ ABSENCE_NOT_SEEN = (
 @pytest.mark.parametrize(
     "concept",
     [
-        "anomaly",  # a linear probe on the image tokens tells clean from defective textures (measured 0.828)
-        pytest.param("empty_image", marks=pytest.mark.xfail(strict=True, reason=EMPTY_IMAGE_NOT_SEEN)),
+        "anomaly",  # a linear probe on the image tokens tells clean from defective textures (0.847 ± 0.027)
+        "empty_image",  # "How many shapes are there?": 0 on the empty image, not 0 beside it (0.973 ± 0.013)
         pytest.param("no_object", marks=pytest.mark.xfail(strict=True, reason=ABSENCE_NOT_SEEN)),
     ],
 )
 def test_each_beyond_knowledge_concept_is_visible_to_the_base_model(base_model_checks, concept):
     """The deciding check of each concept (`DECIDING`) reaches the threshold on the cached base model. The expected
     failures are strict, so that a base model that passes makes its mark go."""
-    assert base_model_checks[DECIDING[concept]] >= PROBE_THRESHOLD
+    assert base_model_checks[DECIDING[concept]].value >= PROBE_THRESHOLD

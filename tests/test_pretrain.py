@@ -321,8 +321,8 @@ def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path, tiny_con
 def test_default_base_model_has_partial_competence(tmp_path):
     """The default recipe (minutes on 2 cores): the format right (grounding: on the seen slice, what pretraining
     teaches), never `[]`, 20-70% of boxes right, and rollout groups with mixed outcomes (the base model's competence
-    targets). Count's formats are held to 0.9: recipe 6 measures 0.92 for both (recipe 5 1.00), with two think or
-    answer blocks in 5 % of its count answers."""
+    targets). Count's formats are held to 0.9: the default recipe measures 1.00 for both (700 steps: 0.92, with two
+    think or answer blocks in 5 % of its count answers)."""
     from visurf_ray.train.pretrain import PretrainConfig, pretrain_base
 
     scores = pretrain_base(PretrainConfig(), tmp_path / "base")

@@ -27,16 +27,23 @@ any post-training. Classes are balanced (chance 0.5); a concept counts as visibl
     look ("I count 2 red circles."): whether the language model reads the question at all.
 - "empty_image" (is anything there? the simpler no-object slice, meant for a model of this size): each
   single-object item of "no_object" beside the same question on an empty image (`emptied`), matched pairs:
-  - "empty_image_count_think" (deciding): asked "How many red circles are there?" on both images, the count the
-    greedy answer's think states ("I count 0 circles.") — balanced accuracy of 0 against the empty image. The think,
-    not the boxed number, decides this concept: the tiny base model's boxed count disagrees with its own think on most
-    one-object images (it boxes 0 after "I count 1 green shapes."), a failure to copy a digit, not to see;
-  - "empty_image_count_answer" (diagnostic): the same, reading the boxed answer;
+  - "empty_image_all_think" (deciding): asked "How many shapes are there?" on both images, the count the greedy
+    answer's think states ("I count 0 shapes.") — balanced accuracy of 0 against the empty image. The think, not the
+    boxed number, decides: the tiny base model's boxed count often disagrees with its own think (it boxes 0 after
+    "I count 1 green shapes."), a failure to copy a digit, not to see;
+  - "empty_image_all_answer" (diagnostic): the same, reading the boxed answer;
+  - "empty_image_count_{think,answer}" (diagnostic; deciding until session 12): the same asking about the grounding
+    query's look ("How many red circles are there?"). It needs the model to bind the asked look to the object —
+    the ability the first slice's check finds missing — so it cannot isolate "is anything there?": a base model that
+    counts the one object when asked "How many shapes?" (88 %) can still answer 0 to "How many red circles?" about
+    that same object (97 %);
   - "empty_image_prompt" (diagnostic): a linear probe on the last hidden state of the grounding prompt.
 - "anomaly" (is the texture clean or defective?):
   - "anomaly_image" (deciding): a linear probe on the vision tower's image tokens (flattened);
   - "anomaly_prompt": a linear probe on the last prompt hidden state.
-Probes: scikit-learn's standardised L2 logistic regression, 5-fold stratified cross-validation accuracy.
+Probes: scikit-learn's standardised L2 logistic regression, balanced accuracy of its 5-fold stratified
+cross-validated predictions. Every check is an `Accuracy`: a mean of per-group hit shares with a 95 % interval over
+items — how much the figure moves on other items of the same kind (on 300 items per class: about ±0.03).
 Imports torch and scikit-learn; never Ray.
 """
 
@@ -50,7 +57,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -61,16 +68,53 @@ from visurf_ray.models.inputs import encode_prompts, image_features, prompt_stat
 from visurf_ray.models.policy import Policy
 from visurf_ray.rewards import count, grounding
 from visurf_ray.rewards.geometry import box_iou
+from visurf_ray.validation import require
 
 PROBE_THRESHOLD = 0.8
 """Held-out probe accuracy at which a concept counts as visible to the base model (chance: 0.5)."""
 PROBE_BATCH = 64  # prompts per forward pass
 DECIDING = {
     "no_object": "no_object_count_answer",
-    "empty_image": "empty_image_count_think",
+    "empty_image": "empty_image_all_think",
     "anomaly": "anomaly_image",
 }
 """The check that decides whether each beyond-knowledge concept is visible to the base model."""
+Z_95 = 1.959964  # two-sided 95 % normal quantile
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """A check's figure: the mean over `groups` of each group's hit share (the classes of a balanced accuracy, the
+    looks × classes of the per-look probe, one group for a plain share), with a 95 % normal-approximation interval
+    over items (the groups' binomial variances; the items vary, the model and the probe's fitted folds do not).
+
+    groups: (hits, items) per group, every group non-empty; a check with no groups (no answer found an object) is
+    NaN."""
+
+    groups: tuple[tuple[int, int], ...]
+
+    def __post_init__(self):
+        for hits, items in self.groups:
+            require(
+                0 <= hits <= items and items > 0, "Accuracy.groups", f"needs 0 <= hits <= items > 0, got {hits}/{items}"
+            )
+
+    @property
+    def value(self) -> float:
+        return float(np.mean([hits / items for hits, items in self.groups])) if self.groups else float("nan")
+
+    @property
+    def half_width(self) -> float:
+        variance = sum((h / n) * (1 - h / n) / n for h, n in self.groups) / max(len(self.groups), 1) ** 2
+        return Z_95 * float(np.sqrt(variance)) if self.groups else float("nan")
+
+    @classmethod
+    def of(cls, *hit_groups: np.ndarray) -> Accuracy:
+        """From boolean hit arrays, one per group; empty arrays are left out."""
+        return cls(tuple((int(np.sum(h)), len(h)) for h in hit_groups if len(h)))
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} ± {self.half_width:.3f}"
 
 
 @dataclass(frozen=True)
@@ -135,26 +179,28 @@ def probe_features(policy: Policy, samples: list[Sample]) -> dict[str, np.ndarra
     return {"image": np.stack(image), "prompt": np.stack(prompt)}
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
-    """Mean held-out accuracy of a standardised L2 logistic regression, stratified `folds`-fold cross-validation.
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0) -> Accuracy:
+    """Balanced accuracy of a standardised L2 logistic regression's held-out predictions, stratified `folds`-fold
+    cross-validation (with balanced classes, its plain accuracy).
 
     features: [N, D]; labels: [N] in {0, 1}, both classes at least `folds` times."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
     splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(probe, features, labels, cv=splits, scoring="accuracy").mean())
+    hits = cross_val_predict(probe, features, labels, cv=splits) == labels
+    return Accuracy.of(hits[labels == 1], hits[labels == 0])
 
 
-def look_presence_accuracy(policy: Policy, per_class: int, seed: int = 0) -> float:
+def look_presence_accuracy(policy: Policy, per_class: int, seed: int = 0) -> Accuracy:
     """Mean over the pretraining colour × shape looks of a probe's held-out accuracy on "is the asked look in the
     image?" from the image tokens max-pooled over positions, `per_class` no-object and single-object items per look."""
     hidden = policy.model.config.get_text_config().hidden_size
-    accuracies = []
+    groups: tuple[tuple[int, int], ...] = ()
     for colour, shape in itertools.product(SEEN_COLOURS, SHAPES):
         absent, present = (_items_asking(colour, shape, side, per_class, seed) for side in ("positive", "negative"))
         labels = np.array([1] * per_class + [0] * per_class)
         image = probe_features(policy, absent + present)["image"].reshape(2 * per_class, -1, hidden)
-        accuracies.append(probe_accuracy(image.max(axis=1), labels, seed=seed))
-    return float(np.mean(accuracies))
+        groups += probe_accuracy(image.max(axis=1), labels, seed=seed).groups
+    return Accuracy(groups)
 
 
 def _items_asking(colour: str, shape: str, side: str, count: int, seed: int) -> list[Sample]:
@@ -165,9 +211,11 @@ def _items_asking(colour: str, shape: str, side: str, count: int, seed: int) -> 
     return list(itertools.islice(iter_split(CONCEPTS["no_object"].split, seed, where=where), count))
 
 
-def count_question(sample: Sample) -> Sample:
-    """A single-object grounding item asked as a count question about the same look on the same image."""
-    question = f"How many {sample.meta['attribute']} {sample.meta['shape']}s are there?"
+def count_question(sample: Sample, *, look: bool = True) -> Sample:
+    """A single-object grounding item asked as a count question on the same image: about the grounding query's look
+    ("How many red circles are there?"), or with `look=False` about every shape ("How many shapes are there?")."""
+    asked = f"{sample.meta['attribute']} {sample.meta['shape']}s" if look else "shapes"
+    question = f"How many {asked} are there?"
     return replace(sample, task="count", problem=format_problem("count", question), solution="\\boxed{0}")
 
 
@@ -176,22 +224,19 @@ THINK_COUNT = re.compile(r"<think>I count (\d+) ")
 
 
 def count_zero_accuracies(
-    policy: Policy, samples: list[Sample], absent: np.ndarray, max_new_tokens: int
-) -> dict[str, float]:
-    """Balanced accuracies of 0 against `absent` [N] in the policy's greedy answers to `count_question` of each
-    sample: {"answer": the boxed answer is 0, "think": the think's "I count N" is 0}."""
+    policy: Policy, samples: list[Sample], absent: np.ndarray, max_new_tokens: int, *, look: bool = True
+) -> dict[str, Accuracy]:
+    """Balanced accuracies of 0 against `absent` [N] in the policy's greedy answers to `count_question(s, look=look)`
+    of each sample: {"answer": the boxed answer is 0, "think": the think's "I count N" is 0}."""
     from visurf_ray.train.evaluate import greedy_answers
 
-    answers = greedy_answers(policy, [count_question(s) for s in samples], max_new_tokens)
+    answers = greedy_answers(policy, [count_question(s, look=look) for s in samples], max_new_tokens)
     thinks = [THINK_COUNT.match(a) for a in answers]
     says_none = {
         "answer": np.array([count.parse_prediction(a) == 0 for a in answers]),
         "think": np.array([t is not None and int(t.group(1)) == 0 for t in thinks]),
     }
-    return {
-        name: float(np.mean([np.mean(zero[absent == 1]), np.mean(~zero[absent == 0])]))
-        for name, zero in says_none.items()
-    }
+    return {name: Accuracy.of(zero[absent == 1], ~zero[absent == 0]) for name, zero in says_none.items()}
 
 
 def binding_outcomes(samples: list[Sample], answers: list[str]) -> dict[str, int]:
@@ -223,11 +268,11 @@ def binding_outcomes(samples: list[Sample], answers: list[str]) -> dict[str, int
     return outcomes
 
 
-def binding_share(outcomes: Mapping[str, int]) -> float:
+def binding_share(outcomes: Mapping[str, int]) -> Accuracy:
     """Of the answers whose box finds one of the two objects (`binding_outcomes`), the share on the asked one (chance
     0.5); NaN if none finds any."""
     found = outcomes["asked"] + outcomes["other"]
-    return outcomes["asked"] / found if found else float("nan")
+    return Accuracy(((outcomes["asked"], found),) if found else ())
 
 
 def reading_questions(count: int, seed: int = 0) -> list[Sample]:
@@ -236,7 +281,7 @@ def reading_questions(count: int, seed: int = 0) -> list[Sample]:
     return list(itertools.islice(iter_split("retained/count", seed, where=where), count))
 
 
-def reading_share(samples: list[Sample], answers: list[str]) -> float:
+def reading_share(samples: list[Sample], answers: list[str]) -> Accuracy:
     """Share of the `answers` to count questions `samples` ("How many <look>s are there?") whose think names the asked
     look right after its count ("<think>I count 2 red circles." or "I count 1 red circle.")."""
     named = []
@@ -246,7 +291,7 @@ def reading_share(samples: list[Sample], answers: list[str]) -> float:
             raise ValueError(f"query reading needs 'How many <look>s are there?' questions; {sample.id} is not one")
         think = re.match(r"<think>I count \d+ (.+?)s?\.", answer)
         named.append(think is not None and think.group(1) == asked.group(1))
-    return float(np.mean(named))
+    return Accuracy.of(np.array(named))
 
 
 def two_object_queries(count: int, seed: int = 0) -> list[Sample]:
@@ -258,10 +303,10 @@ def two_object_queries(count: int, seed: int = 0) -> list[Sample]:
 
 def perception_checks(
     policy: Policy, *, per_class: int = 100, per_look: int = 100, seed: int = 0, max_new_tokens: int = 128
-) -> dict[str, float]:
+) -> dict[str, Accuracy]:
     """Every check's accuracy by name (module docstring): probes `<concept>_<features>` for every feature set a
     concept reads, "no_object_count_{answer,think}", "no_object_image_per_look" on `per_look` items per class and
-    look, "empty_image_count_{answer,think}" and "empty_image_prompt" on `per_class` pairs, and "query_binding",
+    look, "empty_image_{all,count}_{answer,think}" and "empty_image_prompt" on `per_class` pairs, and "query_binding",
     "query_binding_mixed" and "query_reading" on 2 · `per_class` items each."""
     results = {}
     for name, concept in CONCEPTS.items():
@@ -277,14 +322,15 @@ def perception_checks(
             pairs = [emptied(s) for s in present] + present
             empty = np.array([1] * len(present) + [0] * len(present))
             results["empty_image_prompt"] = probe_accuracy(probe_features(policy, pairs)["prompt"], empty, seed=seed)
-            for reads, accuracy in count_zero_accuracies(policy, pairs, empty, max_new_tokens).items():
-                results[f"empty_image_count_{reads}"] = accuracy
+            for look, asked in ((False, "all"), (True, "count")):
+                for reads, accuracy in count_zero_accuracies(policy, pairs, empty, max_new_tokens, look=look).items():
+                    results[f"empty_image_{asked}_{reads}"] = accuracy
     from visurf_ray.train.evaluate import greedy_answers
 
     queries = two_object_queries(2 * per_class, seed)
     outcomes = binding_outcomes(queries, greedy_answers(policy, queries, max_new_tokens))
     results["query_binding"] = binding_share(outcomes)
-    results["query_binding_mixed"] = outcomes["mixed"] / len(queries)
+    results["query_binding_mixed"] = Accuracy(((outcomes["mixed"], len(queries)),))
     questions = reading_questions(2 * per_class, seed)
     results["query_reading"] = reading_share(questions, greedy_answers(policy, questions, max_new_tokens))
     return results

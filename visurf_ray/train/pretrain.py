@@ -123,7 +123,7 @@ class PretrainConfig:
     """
 
     seed: int = 0
-    steps: int = 700
+    steps: int = 1100
     batch_size: int = 32
     lr: float = 4e-3
     warmup_steps: int = 30
