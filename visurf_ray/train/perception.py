@@ -101,17 +101,21 @@ class Accuracy:
 
     @property
     def value(self) -> float:
-        return float(np.mean([hits / items for hits, items in self.groups])) if self.groups else float("nan")
+        if not self.groups:
+            return float("nan")
+        return float(np.mean([hits / items for hits, items in self.groups]))
 
     @property
     def half_width(self) -> float:
-        variance = sum((h / n) * (1 - h / n) / n for h, n in self.groups) / max(len(self.groups), 1) ** 2
-        return Z_95 * float(np.sqrt(variance)) if self.groups else float("nan")
+        if not self.groups:
+            return float("nan")
+        variance = sum((h / n) * (1 - h / n) / n for h, n in self.groups) / len(self.groups) ** 2
+        return Z_95 * float(np.sqrt(variance))
 
     @classmethod
     def of(cls, *hit_groups: np.ndarray) -> Accuracy:
-        """From boolean hit arrays, one per group; empty arrays are left out."""
-        return cls(tuple((int(np.sum(h)), len(h)) for h in hit_groups if len(h)))
+        """From boolean hit arrays, one non-empty array per group."""
+        return cls(tuple((int(np.sum(h)), len(h)) for h in hit_groups))
 
     def __str__(self) -> str:
         return f"{self.value:.3f} ± {self.half_width:.3f}"
