@@ -1,14 +1,21 @@
 """The sweep's report: every cell with its 95% interval, the paired "ViSurf − X" table, every cell's estimate at
-each eval step (where the curves settle), the paper's claims with a verdict, ViSurf against its single-stage
-neighbours (LUFFY, CHORD), and what each variant was given (prompts, optimizer steps, wall time, evaluation's share).
+each eval step (where the curves settle), where log π(`[]`) rises, the paper's claims with a verdict, ViSurf against
+its single-stage neighbours (LUFFY, CHORD), and what each variant was given (prompts, optimizer steps, wall time,
+evaluation's share).
 
 A plain function of the three tables `experiments/sweep.py` writes (`analysis.results`); what it prints at the end
-of a sweep and writes to `summary.md`. Imports pandas and the analysis modules; never Ray.
+of a sweep and writes to `summary.md`. Re-report a finished sweep with the current analysis code (its tables are
+kept): `python -m analysis.report results/<name>`. Imports pandas and the analysis modules; never Ray.
 """
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
+from scipy.stats import mannwhitneyu
 
 from analysis.claims import NEIGHBOURS, evaluate_claims, evaluate_neighbours, format_claims
 from analysis.intervals import (
@@ -20,7 +27,8 @@ from analysis.intervals import (
     paired_table,
     slice_sizes,
 )
-from analysis.results import variant_order
+from analysis.results import load_history, load_items, load_results, variant_order
+from visurf_ray.rewards.grounding import EMPTY_IMAGE, NO_OBJECT, OBJECT_SLICES
 
 REFERENCE = "ViSurf"
 NO_OBJECT_COLUMN = "grounding/n_acc"
@@ -29,6 +37,10 @@ FORMAT_METRICS = ("mean_thinking_format", "strict_format_rate", "multi_block_rat
 one answer block) and the share of completions with repeated think/answer tags."""
 ABSENCE_COLUMNS = ("grounding/logp_empty_no_object", "grounding/logp_empty_object")
 """log π(`[]`) after the model's own `<answer>` (nats) on no-object items and on items with an object."""
+SUMMARY_FILE = "summary.md"
+ABSENCE_SET = "grounding"
+ABSENCE_SLICES = {"empty image": EMPTY_IMAGE, "no object": NO_OBJECT}
+"""Column label -> a grounding slice whose answer is `[]`, in `absence_by_step`."""
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -37,6 +49,38 @@ def _markdown(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([str(index), *map(str, row)]) + " |" for index, row in frame.iterrows()]
     return "\n".join(lines)
+
+
+def absence_by_step(items: pd.DataFrame, eval_set: str = ABSENCE_SET) -> pd.DataFrame | None:
+    """Where the label's `[]` rises, per (variant, eval step), mean over seeds: log π(`[]`) after the model's own
+    `<answer>` (nats) on each no-object slice of `eval_set` (`ABSENCE_SLICES`) and on items with an object; each
+    slice's gap to the object items; and its AUC against them (the chance that one of its items has the higher
+    log π(`[]`) than an object item, ties half: 1 is perfect separation, 0.5 none). Item level, repeated contents
+    counted per item. None where the items have no log π(`[]`) or no such slices."""
+    if "logp_empty" not in items.columns:
+        return None
+    rows = items.loc[(items["eval_set"] == eval_set) & items["logp_empty"].notna()]
+    present = {label: slice_ for label, slice_ in ABSENCE_SLICES.items() if (rows["slice"] == slice_).any()}
+    if not present or not rows["slice"].isin(OBJECT_SLICES).any():
+        return None
+    columns = [*(f"{eval_set}/logp_empty_{slice_}" for slice_ in present.values()), f"{eval_set}/logp_empty_object"]
+    table = estimates_by_step(items, columns).set_index(["variant", "step"])
+    table.columns = [*present, "object"]
+    for label in present:
+        table[f"{label} − object"] = table[label] - table["object"]
+
+    def auc(trial_step: pd.DataFrame, slice_: str) -> float:
+        absent = trial_step.loc[trial_step["slice"] == slice_, "logp_empty"].to_numpy()
+        there = trial_step.loc[trial_step["slice"].isin(OBJECT_SLICES), "logp_empty"].to_numpy()
+        if not len(absent) or not len(there):
+            return np.nan
+        return mannwhitneyu(absent, there).statistic / (len(absent) * len(there))
+
+    per_trial = rows.groupby(["variant", "seed", "step"])
+    for label, slice_ in present.items():
+        aucs = per_trial.apply(lambda frame, s=slice_: auc(frame, s), include_groups=False)
+        table[f"AUC {label}"] = aucs.groupby(["variant", "step"]).mean()
+    return table
 
 
 def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
@@ -105,6 +149,17 @@ def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFra
         "\n## Answer formats and log π(`[]`)\n",
         _markdown(interval_table(bootstrap(items, format_columns, n_boot=n_boot))),
     ]
+    absence = absence_by_step(items)
+    if absence is not None:
+        absence.index = [f"{variant}, step {step}" for variant, step in absence.index]
+        absence.index.name = "variant, eval step"
+        parts += [
+            "\n## log π(`[]`) by eval step (mean over seeds): does the `[]` rise where nothing matches?\n",
+            "Nats after the model's own `<answer>`, on empty images, on no-object items among other objects and on "
+            "items with an object; AUC: the chance that a no-object item's log π(`[]`) is above an object item's "
+            "(1: a threshold separates them, 0.5: none does).\n",
+            _markdown(absence.map("{:.2f}".format).replace("nan", "–")),
+        ]
     claims = evaluate_claims(items, results, history, n_boot=n_boot)
     parts += ["\n## The paper's claims on this sweep\n", format_claims(claims)]
     if set(results["paradigm"]) & NEIGHBOURS.keys():
@@ -112,3 +167,29 @@ def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFra
         parts += ["\n## ViSurf vs its single-stage neighbours (LUFFY, CHORD)\n", format_claims(neighbours)]
     parts += ["\n## What each variant was given\n", _markdown(budget_table(results, history))]
     return "\n".join(parts) + "\n"
+
+
+def write_summary(results_dir: str | Path, *, n_boot: int = 2000) -> str:
+    """Write `summary.md` of a sweep's results folder (`results/<name>/`, the tables `experiments/sweep.py` writes)
+    from its tables, headed by the folder's name (written to a temporary name, then renamed into place); returns the
+    report."""
+    folder = Path(results_dir)
+    report = sweep_report(load_results(folder), load_history(folder), load_items(folder), n_boot=n_boot)
+    temporary = folder / f".{SUMMARY_FILE}.tmp"
+    temporary.write_text(f"# {folder.name}\n\n{report}")
+    temporary.replace(folder / SUMMARY_FILE)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Re-write the summary.md of finished sweeps from their tables with the current analysis code."
+    )
+    parser.add_argument("results_dirs", nargs="+", type=Path, help="results/<name> folders of finished sweeps")
+    for folder in parser.parse_args(argv).results_dirs:
+        write_summary(folder)
+        print(folder / SUMMARY_FILE)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ CURVES = (
     "smoothing_fired_fraction",
     "smoothing_condition_fraction",
     "eval/grounding/logp_empty_no_object",
+    "eval/grounding/logp_empty_empty_image",
     "eval/grounding/logp_empty_object",
 )
 

@@ -9,7 +9,8 @@ Ctrl-C or SIGTERM stops the trials (their loggers closed), saves the sweep's sta
 re-running the same command resumes the sweep (finished trials are kept); `--fresh` starts over.
 Writes Tune's experiment folder under runs/sweeps/<name>/ (`storage_dir`, a folder or a URI such as s3://bucket/prefix;
 per trial `train/`: evaluation rows, TensorBoard, wandb) and results/<name>/: results, history and items
-{csv,parquet}, summary.md, curves.png, tasks.png.
+{csv,parquet}, summary.md (re-written from the tables by `python -m analysis.report results/<name>`), curves.png,
+tasks.png.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
     """Run (or resume) `sweep`, then write its tables, report and plots; KeyboardInterrupt if interrupted."""
-    from analysis.report import sweep_report
+    from analysis.report import write_summary
     from analysis.results import plot_curves, plot_task_bars, write_tables
     from visurf_ray.config import TINY_BASE_MODEL, load_config
     from visurf_ray.sweep import StopFlag, build_tuner, check_shared_storage, check_storage_uri, delete_storage, is_uri
@@ -184,8 +185,7 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
     results, history = tables["results"], tables["history"]
     out_dir = (ROOT / sweep.output_dir / sweep.name).resolve()
     write_tables(tables, out_dir)
-    report = sweep_report(results, history, tables["items"])
-    (out_dir / "summary.md").write_text(f"# {sweep.name}\n\n{report}")
+    report = write_summary(out_dir)
     plot_curves(history, out_dir / "curves.png")
     plot_task_bars(results, out_dir / "tasks.png")
     wall, peak = time.perf_counter() - started, memory.stop()

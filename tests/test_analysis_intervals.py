@@ -261,6 +261,33 @@ def test_estimates_by_step_are_the_point_estimates_at_each_shared_step():
         estimates_by_step(pd.concat([items[items["step"] == 10], later[later["step"] == 0]]), columns)
 
 
+def test_absence_by_step_gives_log_probs_gaps_and_separation():
+    from analysis.report import absence_by_step
+
+    slices = ["seen", "seen", "no_object", "no_object", "empty_image", "empty_image"]
+
+    def logps(values: list[float]) -> list[dict]:
+        return set_rows("grounding", "grounding", slices, {"logp_empty": values})
+
+    start = logps([-10.0] * 6)
+    rows = trial_rows("ViSurf", "visurf", 0, {0: start, 10: logps([-4, -6, -3, -5, -1, -2])})
+    rows += trial_rows("ViSurf", "visurf", 1, {0: start, 10: logps([-5, -6, -3, -5, -5, -5])})
+    table = absence_by_step(pd.DataFrame(rows))
+    assert list(table.columns) == [
+        "empty image", "no object", "object", "empty image − object", "no object − object", "AUC empty image",
+        "AUC no object",
+    ]  # fmt: skip
+    assert table.loc[("ViSurf", 0)].tolist() == [-10, -10, -10, 0, 0, 0.5, 0.5]  # ties count half
+    final = table.loc[("ViSurf", 10)]
+    # empty images: above every object item in seed 0 (AUC 1), tie with -5 and above -6 in seed 1 (3/4);
+    # no object: 3 of 4 pairs in seed 0, 3.5 of 4 in seed 1
+    assert final.tolist() == pytest.approx([-3.25, -4.0, -5.25, 2.0, 1.25, 0.875, 0.8125])
+    assert absence_by_step(pd.DataFrame(rows).drop(columns="logp_empty")) is None
+    assert absence_by_step(hand_items().assign(logp_empty=-1.0)) is not None  # no empty images: the no-object slice
+    objects_only = pd.DataFrame(rows).query("slice == 'seen'")
+    assert absence_by_step(objects_only) is None
+
+
 def test_errors_name_the_column_or_variant():
     items = hand_items()
     with pytest.raises(ValueError, match="grounding/nonsense"):

@@ -72,7 +72,11 @@ def synthetic_items(rng, trial_id: str, variant: str, paradigm: str, seed: int, 
                         k: float(rng.integers(2)) for k in ("accuracy", "success", "strict_format", "multi_block")
                     }
                     values["overall"] = sum(values[k] for k in ("thinking_format", "non_repeat", "answer_format"))
-                    values |= {"iou": rng.random(), "empty": float(rng.integers(2))} if task == "grounding" else {}
+                    values |= (
+                        {"iou": rng.random(), "empty": float(rng.integers(2)), "logp_empty": -10 * rng.random()}
+                        if task == "grounding"
+                        else {}
+                    )
                     values |= {"hit": float(rng.integers(2))} if task == "gui_point" else {}
                     values |= {"correct": float(rng.integers(2))} if task in ("anomaly", "count") else {}
                     item_id = f"{split}/{slice_}/{number}"
@@ -101,7 +105,8 @@ def synthetic_results(out_dir: Path) -> None:
         results.append(tidy_trial(trial_id, variant, config.to_dict(), metrics))
         steps = pd.DataFrame(
             {"step": [1.0, 2.0, 3.0], "step_time": 1 + rng.random(3), **{c: rng.random(3) for c in CURVES}}
-        )
+        ).assign(prompts_seen=lambda h: h["step"] * 8, train_time_total=1.0, eval_time_total=1.0)
+        steps["generated_tokens_total"] = 5.0
         histories.append(tidy_history(trial_id, variant, seed, steps))
         paradigm = config.objective.paradigm
         items.append(synthetic_items(rng, trial_id, variant, paradigm, seed, config.data.eval_splits))
@@ -129,13 +134,12 @@ def test_sweep_report_prints_intervals_paired_differences_claims_and_budgets(tmp
     from analysis.results import load_history, load_items, load_results, tidy_items
 
     synthetic_results(tmp_path)
-    history = load_history(tmp_path).assign(
-        prompts_seen=lambda h: h["step"] * 8, train_time_total=1.0, eval_time_total=1.0, generated_tokens_total=5.0
-    )
+    history = load_history(tmp_path)
     items = load_items(tmp_path)
     items["content"] = items["item_id"].where(items["slice"] != "empty_image", "background")  # one repeated item
     report = sweep_report(load_results(tmp_path), history, items, n_boot=200)
-    sections = ("## Scores", "## ViSurf − X", "## By eval step", "## The paper's claims", "## ViSurf vs its single-")
+    sections = ("## Scores", "## ViSurf − X", "## By eval step", "## log π(`[]`) by eval step", "## The paper's claims")
+    sections += ("## ViSurf vs its single-",)
     for section in (*sections, "## What each variant was given"):
         assert section in report
     assert "| ViSurf beats LUFFY on mean | ViSurf − LUFFY: mean/score |" in report and "ViSurf − CHORD" in report
@@ -144,7 +148,25 @@ def test_sweep_report_prints_intervals_paired_differences_claims_and_budgets(tmp
     assert "| ViSurf, step 0 |" in report and "| ViSurf, step 3 |" in report
     assert "grounding/empty_image 6 (1 distinct);" in report and "grounding/no_object 6;" in report
 
+    assert "| ViSurf, step 3 |" in report.partition("## log π(`[]`) by eval step")[2]  # the log π(`[]`) table
+
     row = {"step": 0, "eval_set": "count", "item_id": "a", "task": "count", "slice": "all"}
     resumed = tidy_items("t", "SFT", "sft", 0, [row | {"correct": 0.0}, row | {"correct": 1.0}])
     assert len(resumed) == 1 and resumed["correct"].item() == 1.0  # a resumed trial's repeated row: the last counts
     assert list(resumed.columns[:4]) == ["trial_id", "variant", "paradigm", "seed"]
+
+
+def test_report_command_rewrites_a_sweeps_summary_from_its_tables(tmp_path, capsys):
+    from analysis.report import SUMMARY_FILE, main, sweep_report
+    from analysis.results import load_history, load_items, load_results
+
+    folder = tmp_path / "my-sweep"
+    synthetic_results(folder)
+    (folder / SUMMARY_FILE).write_text("# my-sweep\n\nan older report\n")
+    main([str(folder)])
+    assert capsys.readouterr().out.strip() == str(folder / SUMMARY_FILE)
+    report = sweep_report(load_results(folder), load_history(folder), load_items(folder))
+    assert (folder / SUMMARY_FILE).read_text() == f"# my-sweep\n\n{report}"
+    assert sorted(path.name for path in folder.iterdir() if path.name.startswith(".")) == []  # no temporary left
+    with pytest.raises(FileNotFoundError, match="results.parquet"):
+        main([str(tmp_path / "missing")])

@@ -32,7 +32,8 @@ Evaluation (`item_values`, METRICS; headline "giou"): "giou" (mean per-sample Io
 "giou_unseen_attribute" (on items with an object, by slice), "n_acc" (correct empty predictions / empty ground truths,
 on the "no_object" slice: other objects are in the image), "n_acc_empty_image" (the same on the "empty_image" slice:
 nothing is) beside "empty_rate_object" (valid `[]` predictions on items with an object), "logp_empty_no_object" /
-"logp_empty_object" (log π(`[]`) after the model's own `<answer>`, which the trainer's evaluation adds as "logp_empty"),
+"logp_empty_empty_image" / "logp_empty_object" (log π(`[]`) after the model's own `<answer>`, which the trainer's
+evaluation adds as "logp_empty", on those slices),
 and, over the dataset, "ciou" (cumulative intersection / cumulative union, pixels). A sample's IoU compares the union
 masks of the predicted and true boxes rendered on its image grid (`geometry.box_mask`); an empty prediction for an empty
 ground truth counts IoU 1, an empty prediction for a non-empty one (or the reverse) 0. A prediction is invalid when its
@@ -93,6 +94,7 @@ METRICS = {
     "n_acc_empty_image": ItemMetric("empty", ((EMPTY_IMAGE,),)),
     "empty_rate_object": ItemMetric("empty", (OBJECT_SLICES,)),
     "logp_empty_no_object": ItemMetric("logp_empty", ((NO_OBJECT,),)),
+    "logp_empty_empty_image": ItemMetric("logp_empty", ((EMPTY_IMAGE,),)),
     "logp_empty_object": ItemMetric("logp_empty", (OBJECT_SLICES,)),
 }
 HEADLINE = "giou"
