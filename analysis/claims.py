@@ -67,9 +67,13 @@ ROLE_DESCRIPTIONS = {
         for control, name in CONTROLS.items()
     },
 }
-BEYOND_KNOWLEDGE = {"grounding": ("n_acc_empty_image", "n_acc"), "anomaly": ("balanced_accuracy",)}
+BEYOND_KNOWLEDGE = {
+    "grounding": ("abstain_balanced_accuracy_empty_image", "abstain_balanced_accuracy"),
+    "anomaly": ("balanced_accuracy",),
+}
 """Claim 2: per task, the metrics of the items the base model cannot solve (no-object queries on an empty image and
-among other objects, anomaly detection)."""
+among other objects, anomaly detection), each a balanced accuracy: answering `[]` (or "no defect") to everything
+gains nothing, as N-Acc alone would reward it."""
 WITHIN_KNOWLEDGE = {"grounding": "giou_object", "gui_point": "score"}
 """Claim 2: per task, the headline scores it is compared with."""
 NO_SUCCESS = {"grounding": ("n_acc_empty_image", "n_acc"), "anomaly": ("accuracy_clean",)}

@@ -47,7 +47,14 @@ ITEM_KEYS = ("trial_id", "variant", "paradigm", "seed", "step", "eval_set", "tas
 """Columns every items table has; an optional "content" names items that repeat (`Sample.content_key`); the others
 are per-item values (NaN where they do not apply)."""
 POST_TRAINING_EXTRAS = {
-    "grounding": ("giou_object", "n_acc_empty_image", "n_acc", "empty_rate_object"),
+    "grounding": (
+        "giou_object",
+        "n_acc_empty_image",
+        "n_acc",
+        "empty_rate_object",
+        "abstain_balanced_accuracy_empty_image",
+        "abstain_balanced_accuracy",
+    ),
     "anomaly": ("accuracy_clean", "accuracy_defect"),
 }
 """Metrics `default_columns` adds beside the score of a post-training eval set of the task."""
@@ -381,10 +388,10 @@ def estimates_by_step(items: pd.DataFrame, columns: Sequence[str]) -> pd.DataFra
 
 
 def default_columns(items: pd.DataFrame) -> list[str]:
-    """Every eval set's "score"; on post-training sets grounding giou_object, n_acc_empty_image, n_acc,
-    empty_rate_object and anomaly accuracy_clean, accuracy_defect (where the items have their values and slices);
-    each retained set's "score_change"; and "mean/score". Only eval sets present in `items`, in their order of
-    appearance."""
+    """Every eval set's "score"; on post-training sets the metrics of POST_TRAINING_EXTRAS (grounding: gIoU on object
+    items, N-Acc on both no-object slices, the `[]` rate on object items and the balanced accuracies of answering
+    `[]`; anomaly: accuracy on clean and on defect items) where the items have their values and slices; each retained
+    set's "score_change"; and "mean/score". Only eval sets present in `items`, in their order of appearance."""
     task_of = dict(zip(items["eval_set"], items["task"]))
     columns = [f"{name}/score" for name in task_of]
     for name, task in task_of.items():

@@ -59,6 +59,7 @@ def eval_rows(values: dict[str, np.ndarray]) -> list[dict]:
         "grounding": {
             "iou": np.concatenate([values["iou"], values["nacc"]]),
             "empty": np.concatenate([np.zeros(12), values["nacc"]]),
+            "abstain_correct": np.concatenate([np.ones(12), values["nacc"]]),  # no `[]` on object items
         },
         "gui_point": {"hit": values["hit"]},
         "anomaly": {"correct": np.concatenate([values["clean"], values["defect"]])},
@@ -170,8 +171,10 @@ def test_every_kind_of_claim_reaches_every_verdict(verdicts):
 
 def test_estimates_of_the_supported_sweep(verdicts):
     by_comparison = {c.comparison: c for c in verdicts[SUPPORTED]}
-    nacc_gap = by_comparison["(ViSurf − RLVR): grounding/n_acc − max over grounding/giou_object, gui_point/score"]
-    assert nacc_gap.estimate == pytest.approx(1.0 - 0.2)  # the n_acc gain minus the gui_point gain
+    nacc_gap = by_comparison[
+        "(ViSurf − RLVR): grounding/abstain_balanced_accuracy − max over grounding/giou_object, gui_point/score"
+    ]
+    assert nacc_gap.estimate == pytest.approx(0.5 - 0.2)  # the balanced accuracy's gain minus the gui_point gain
     assert "largest other gain: gui_point/score" in nacc_gap.detail
     forgetting = by_comparison["ViSurf − SFT: retained/count/score_change"]
     assert forgetting.estimate == pytest.approx(1.0) and forgetting.low == pytest.approx(1.0)
@@ -187,9 +190,22 @@ def test_no_gain_beyond_knowledge_is_not_the_largest_gain():
     rlvr = outcome(iou=0.7, nacc=0, hit=0.8, clean=0, defect=1, count=1)
     finals = {v: rlvr for v in VARIANTS} | {"ViSurf": visurf}
     claims = evaluate_claims(*sweep(BASE, finals, {"other": [1.0, 1.1, 0.9, 1.0]}), n_boot=N_BOOT, seed=0)
-    (gap,) = [c for c in claims if kind(c) == 2 and "grounding/n_acc −" in c.comparison]
+    (gap,) = [c for c in claims if kind(c) == 2 and "grounding/abstain_balanced_accuracy −" in c.comparison]
     assert gap.estimate == pytest.approx(0.0) and gap.verdict != SUPPORTED
     assert "no other gain above 0" in gap.detail
+
+
+def test_a_blind_empty_answer_gains_nothing_beyond_knowledge():
+    """ViSurf answers `[]` to every grounding item: N-Acc 1 (RLVR 0), but its `[]` on the object items cancels it in
+    the balanced accuracy the claim reads, so the claim is not supported."""
+    items, results, history = supported_sweep()
+    blind = (items["variant"] == "ViSurf") & (items["step"] == 10) & (items["slice"] == "seen")
+    items.loc[blind, ["iou", "empty", "abstain_correct"]] = [0.0, 1.0, 0.0]
+    claims = evaluate_claims(items, results, history, n_boot=N_BOOT, seed=0)
+    gaps = [c for c in claims if kind(c) == 2 and c.comparison.startswith("(ViSurf − RLVR): grounding/")]
+    assert len(gaps) == 2
+    for gap in gaps:  # balanced accuracy 0.5 for both, with gui_point's gain of 0.2 above it
+        assert gap.estimate == pytest.approx(0.0 - 0.2) and gap.verdict != SUPPORTED
 
 
 def test_infer_roles():

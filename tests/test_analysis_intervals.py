@@ -239,6 +239,15 @@ def test_tables_and_default_columns():
     assert paired.iloc[0, 0].startswith("0.125 [")
     no_retained = default_columns(items[~items["eval_set"].str.startswith("retained/")])
     assert "retained/count/score_change" not in no_retained and no_retained[-1] == "mean/score"
+    with_abstain = items.assign(
+        abstain_correct=np.where(items["slice"] == "no_object", items["empty"], 1 - items["empty"])
+    )
+    balanced = "grounding/abstain_balanced_accuracy"
+    assert default_columns(with_abstain) == [*columns[:6], balanced, *columns[6:]]  # no empty images: one of the two
+    # ViSurf: N-Acc 3/4, one `[]` among 6 object items
+    assert bootstrap(with_abstain, [balanced], n_boot=1).estimates[("ViSurf", balanced)] == pytest.approx(
+        (0.75 + 5 / 6) / 2
+    )
 
 
 def test_estimates_by_step_are_the_point_estimates_at_each_shared_step():

@@ -126,6 +126,7 @@ def test_blind_empty_answers_show_beside_n_acc():
     solutions, slices = [truth, truth, "[]", "[]"], ["seen", "unseen_attribute", "no_object", "no_object"]
     blind = evaluate("grounding", [answer("[]")] * 4, solutions, [(20, 10)] * 4, slices)
     assert blind["n_acc"] == 1.0 and blind["empty_rate_object"] == 1.0 and blind["giou_object"] == 0.0
+    assert blind["abstain_balanced_accuracy"] == 0.5  # a blind guess discriminates nothing, whatever its rate
     assert (blind["giou_seen"], blind["giou_unseen_attribute"], blind["giou"]) == (0.0, 0.0, 0.5)
     assert [solution_slice("grounding", s) for s in solutions] == ["object", "object", "no_object", "no_object"]
     assert solution_slice("anomaly", '{"defect":false}') == "clean" and solution_slice("count", "3") == "all"
@@ -140,6 +141,7 @@ def test_n_acc_counts_no_object_items_among_objects_and_on_empty_images_apart():
     completions = [answer(truth), answer("[]"), answer(truth), answer("[]"), answer("[]")]
     metrics = evaluate("grounding", completions, solutions, [(20, 10)] * 5, slices)
     assert metrics["n_acc"] == 0.5 and metrics["n_acc_empty_image"] == 1.0 and metrics["empty_rate_object"] == 0.0
+    assert (metrics["abstain_balanced_accuracy"], metrics["abstain_balanced_accuracy_empty_image"]) == (0.75, 1.0)
     assert math.isnan(
         evaluate("grounding", completions[:3], solutions[:3], [(20, 10)] * 3, slices[:3])["n_acc_empty_image"]
     )

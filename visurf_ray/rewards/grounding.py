@@ -33,7 +33,9 @@ Evaluation (`item_values`, METRICS; headline "giou"): "giou" (mean per-sample Io
 on the "no_object" slice: other objects are in the image), "n_acc_empty_image" (the same on the "empty_image" slice:
 nothing is) beside "empty_rate_object" (valid `[]` predictions on items with an object), "logp_empty_no_object" /
 "logp_empty_empty_image" / "logp_empty_object" (log π(`[]`) after the model's own `<answer>`, which the trainer's
-evaluation adds as "logp_empty", on those slices),
+evaluation adds as "logp_empty", on those slices), "abstain_balanced_accuracy" / "..._empty_image" (balanced accuracy
+of the decision to answer `[]`: the mean of N-Acc on that no-object slice and of not answering `[]` on items with an
+object — 0.5 for a blind `[]` guess at any rate, as anomaly's balanced accuracy is for a constant answer),
 and, over the dataset, "ciou" (cumulative intersection / cumulative union, pixels). A sample's IoU compares the union
 masks of the predicted and true boxes rendered on its image grid (`geometry.box_mask`); an empty prediction for an empty
 ground truth counts IoU 1, an empty prediction for a non-empty one (or the reverse) 0. A prediction is invalid when its
@@ -96,6 +98,8 @@ METRICS = {
     "logp_empty_no_object": ItemMetric("logp_empty", ((NO_OBJECT,),)),
     "logp_empty_empty_image": ItemMetric("logp_empty", ((EMPTY_IMAGE,),)),
     "logp_empty_object": ItemMetric("logp_empty", (OBJECT_SLICES,)),
+    "abstain_balanced_accuracy": ItemMetric("abstain_correct", ((NO_OBJECT,), OBJECT_SLICES)),
+    "abstain_balanced_accuracy_empty_image": ItemMetric("abstain_correct", ((EMPTY_IMAGE,), OBJECT_SLICES)),
 }
 HEADLINE = "giou"
 
@@ -249,11 +253,15 @@ def mask_overlap(completion: str, solution: str, image_size: tuple[int, int]) ->
 def item_values(
     completion: str, solution: str, image_size: tuple[int, int], components: Mapping[str, float]
 ) -> dict[str, float]:
-    """ "iou" (gIoU's per-item term, MaskOverlap.iou) and "empty" (the prediction is a valid `[]`). n_acc (gRefCOCO's
-    N-Acc) is "empty" on no-object items; beside it, "empty" on items with an object (a blind `[]` guess raises
-    both) and gIoU on items with an object."""
+    """ "iou" (gIoU's per-item term, MaskOverlap.iou), "empty" (the prediction is a valid `[]`) and "abstain_correct"
+    (it answers `[]` exactly when the solution is `[]`). n_acc (gRefCOCO's N-Acc) is "empty" on no-object items;
+    beside it, "empty" on items with an object (a blind `[]` guess raises both) and gIoU on items with an object."""
     overlap = mask_overlap(completion, solution, image_size)
-    return {"iou": overlap.iou, "empty": float(overlap.prediction_empty)}
+    return {
+        "iou": overlap.iou,
+        "empty": float(overlap.prediction_empty),
+        "abstain_correct": float(overlap.prediction_empty == overlap.truth_empty),
+    }
 
 
 def dataset_metrics(

@@ -25,7 +25,7 @@ from visurf_ray.locks import exclusive_lock
 from visurf_ray.train import evaluate as evaluation
 from visurf_ray.train.pretrain import default_cache_root
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Part of the key: bump it when evaluation code changes what a given policy and item set produce."""
 
 
