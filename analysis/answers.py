@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from visurf_ray.config import ModelConfig
+from visurf_ray.config import TINY_BASE_MODEL, ModelConfig
 from visurf_ray.data.benchmark import iter_split
 from visurf_ray.data.frames import in_image_frame
 from visurf_ray.data.sample import Sample
@@ -60,7 +60,7 @@ def load_checkpoint_policy(checkpoint: str | Path) -> tuple[int, Policy]:
         policy = resolve_policy(ModelConfig(path=state["config"]["model"]["path"]))
         load_saved_weights(policy.model, path)
         step = int(state["step"])
-    elif str(checkpoint) == "tiny-base" or (path / "config.json").is_file():
+    elif str(checkpoint) == TINY_BASE_MODEL or (path / "config.json").is_file():
         policy, step = resolve_policy(ModelConfig(path=str(checkpoint))), 0
     else:
         raise ValidationError(
