@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import re
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from visurf_ray.rewards.grounding import OBJECT_SLICES
 from visurf_ray.rewards.metrics import item_values
 from visurf_ray.train.engine import load_saved_weights
 from visurf_ray.train.evaluate import greedy_answers
-from visurf_ray.train.loop import TRAINER_STATE
+from visurf_ray.train.loop import TRAINER_STATE, read_trainer_state
 from visurf_ray.train.models import resolve_policy
 from visurf_ray.validation import ValidationError
 
@@ -54,9 +53,8 @@ def load_checkpoint_policy(checkpoint: str | Path) -> tuple[int, Policy]:
     trial's `checkpoint_*`, a run's `checkpoints/step_*`) — its starting model (trainer_state.json's config
     model.path) with the checkpoint's saved weights."""
     path = Path(checkpoint)
-    state_file = path / TRAINER_STATE
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
+    if (path / TRAINER_STATE).is_file():
+        state = read_trainer_state(path)
         policy = resolve_policy(ModelConfig(path=state["config"]["model"]["path"]))
         load_saved_weights(policy.model, path)
         step = int(state["step"])

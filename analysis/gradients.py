@@ -9,7 +9,6 @@ and pandas; never Ray.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from visurf_ray.models.inputs import completion_logprobs, encode_prompts, encode
 from visurf_ray.models.policy import Policy, load_policy, use_input_dtype_norms
 from visurf_ray.objectives.paradigms import ObjectiveConfig, get_paradigm
 from visurf_ray.train.engine import load_saved_weights
-from visurf_ray.train.loop import TRAINER_STATE
+from visurf_ray.train.loop import TRAINER_STATE, read_trainer_state
 from visurf_ray.train.step import label_token_ids, score_groups
 from visurf_ray.validation import check_int, check_number
 
@@ -235,7 +234,7 @@ def _run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         state_file = step_dir / TRAINER_STATE
         if not state_file.is_file():
             raise ValueError(f"checkpoint {step_dir} has no {TRAINER_STATE} (incomplete checkpoint)")
-        steps.append((int(json.loads(state_file.read_text())["step"]), step_dir))
+        steps.append((int(read_trainer_state(step_dir)["step"]), step_dir))
     if not steps:
         raise ValueError(f"run folder {run_dir} has no checkpoints/step_* folder")
     return sorted(steps)
@@ -256,7 +255,7 @@ def checkpoint_policies(checkpoint: str | Path) -> Iterator[tuple[int, Policy]]:
             "run folder (checkpoints/step_*/)"
         )
     checkpoints = _run_checkpoints(path)
-    base = json.loads((checkpoints[0][1] / TRAINER_STATE).read_text())["config"]["model"]["path"]
+    base = read_trainer_state(checkpoints[0][1])["config"]["model"]["path"]
     yield 0, load_float64_policy(base)
     for step, step_dir in checkpoints:
         policy = load_float64_policy(base)

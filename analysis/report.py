@@ -83,6 +83,13 @@ def absence_by_step(items: pd.DataFrame, eval_set: str = ABSENCE_SET) -> pd.Data
     return table
 
 
+def _step_labels(table: pd.DataFrame) -> pd.DataFrame:
+    """A (variant, step)-indexed table with rows labelled "<variant>, step <step>" for the report."""
+    table.index = [f"{variant}, step {step}" for variant, step in table.index]
+    table.index.name = "variant, eval step"
+    return table
+
+
 def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     """Per variant (mean over its trials): optimizer steps, prompts seen, tokens generated in rollouts, training and
     evaluation wall time (seconds, from each trial's last report) and evaluation's share of the two."""
@@ -136,9 +143,7 @@ def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFra
                 f"\nN-Acc interval half-width: at most {widths[widest]:.3f} ({widest}); the slice's number of distinct "
                 "items n bounds the item part of it by 1.96·√(0.25/n) at any rate, the seeds add their own spread."
             )
-    by_step = estimates_by_step(items, columns).set_index(["variant", "step"])
-    by_step.index = [f"{variant}, step {step}" for variant, step in by_step.index]
-    by_step.index.name = "variant, eval step"
+    by_step = _step_labels(estimates_by_step(items, columns).set_index(["variant", "step"]))
     parts += [
         "\n## By eval step (mean over seeds): where the curves settle\n",
         _markdown(by_step.map("{:.3f}".format).replace("nan", "–")),
@@ -151,14 +156,12 @@ def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFra
     ]
     absence = absence_by_step(items)
     if absence is not None:
-        absence.index = [f"{variant}, step {step}" for variant, step in absence.index]
-        absence.index.name = "variant, eval step"
         parts += [
             "\n## log π(`[]`) by eval step (mean over seeds): does the `[]` rise where nothing matches?\n",
             "Nats after the model's own `<answer>`, on empty images, on no-object items among other objects and on "
             "items with an object; AUC: the chance that a no-object item's log π(`[]`) is above an object item's "
             "(1: a threshold separates them, 0.5: none does).\n",
-            _markdown(absence.map("{:.2f}".format).replace("nan", "–")),
+            _markdown(_step_labels(absence).map("{:.2f}".format).replace("nan", "–")),
         ]
     claims = evaluate_claims(items, results, history, n_boot=n_boot)
     parts += ["\n## The paper's claims on this sweep\n", format_claims(claims)]

@@ -164,13 +164,18 @@ def save_checkpoint(
         (folder / TRAINER_STATE).write_text(json.dumps(state))
 
 
+def read_trainer_state(folder: str | Path) -> dict:
+    """A checkpoint folder's trainer_state.json as `save_checkpoint` wrote it: "step", "carried", "config"."""
+    return json.loads((Path(folder) / TRAINER_STATE).read_text())
+
+
 def load_checkpoint(folder: Path, engine: Engine, rank: int) -> tuple[int, dict[str, float]]:
     """Restore a checkpoint written by `save_checkpoint`; returns (steps already done, carried metrics)."""
     engine.load(folder)
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    state = json.loads((folder / TRAINER_STATE).read_text())
+    state = read_trainer_state(folder)
     return int(state["step"]), state["carried"]
 
 
