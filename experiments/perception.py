@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, Accuracy]:
     policy = resolve_policy(ModelConfig(path=args.model))
     results = perception_checks(policy, per_class=args.per_class, per_look=args.per_look, seed=args.seed)
     for name, accuracy in results.items():
-        print(f"{name:<24} {accuracy}")
+        print(f"{name:<28} {accuracy}")
     for concept, check in DECIDING.items():
         accuracy = results[check]
         verdict = "visible" if accuracy.value >= PROBE_THRESHOLD else "NOT visible"

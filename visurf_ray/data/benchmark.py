@@ -32,6 +32,7 @@ Item kinds (`KINDS`, registered with `register_kind`; each answer is in its task
   colour × shape ("How many red circles are there?", half of them about a look that is absent: the base model learns
   to *see* that a colour × shape is not in the image, which grounding's no-object queries ask, while `[]` stays
   untaught), in all, or of two shapes together (simple visual arithmetic) -> `\\boxed{n}`, n in 0..6.
+  `meta` holds the question's "form", the answer "count", "objects" and the "scene" (as grounding's).
 
 Splits (`make_split(name, n, seed)`, `iter_split(name, seed)`):
 - "pretrain": what the base model learns. Colours red, green, blue, yellow only; grounding_single 35%,
@@ -563,7 +564,14 @@ def count(rng: np.random.Generator, colours: tuple[str, ...]) -> Draft:
         think=think,
         key=_scene_key(question, objects),
         render=lambda: _draw_shapes(objects),
-        meta={"kind": "count", "slice": "all", "form": form, "count": answer, "objects": len(objects)},
+        meta={
+            "kind": "count",
+            "slice": "all",
+            "form": form,
+            "count": answer,
+            "objects": len(objects),
+            "scene": [{"colour": o.colour, "shape": o.shape, "bbox_2d": o.box} for o in objects],
+        },
     )
 
 

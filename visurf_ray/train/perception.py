@@ -25,6 +25,13 @@ any post-training. Classes are balanced (chance 0.5); a concept counts as visibl
   - "query_reading" (diagnostic, the language side): of the greedy answers to count questions that name a look ("How
     many red circles / red shapes / circles are there?", pretraining forms), the share whose think names the asked
     look ("I count 2 red circles."): whether the language model reads the question at all.
+  - "query_selection_{asked,colours,answer}" (diagnostics: where selection by the question fails): on held-out
+    "How many <colour> shapes are there?" items, linear probes on the language model's last hidden state where the
+    count is written (after a forced "<think>I count "): which colour was asked (4 classes), whether each colour is
+    in the image whatever was asked (the mean over the 4 colours), and whether the asked colour is — the bit the
+    answer 0 needs; "query_selection_by_objects" is the last probe reading only the number of objects (one-hot),
+    the accuracy that counting all shapes gives. A model that carries the question to that position while its
+    answer probe stays at the by-objects figure reads the question and fails to select the image's objects by it.
 - "empty_image" (is anything there? the simpler no-object slice, meant for a model of this size): each
   single-object item of "no_object" beside the same question on an empty image (`emptied`), matched pairs:
   - "empty_image_all_think" (deciding): asked "How many shapes are there?" on both images, the count the greedy
@@ -61,10 +68,17 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from visurf_ray.data.benchmark import SEEN_COLOURS, SHAPES, empty_image, iter_split
+from visurf_ray.data.benchmark import MAX_COUNT, SEEN_COLOURS, SHAPES, empty_image, iter_split
 from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
-from visurf_ray.models.inputs import encode_prompts, image_features, prompt_states
+from visurf_ray.models.inputs import (
+    encode_prompts,
+    encode_sequences,
+    image_features,
+    input_embeddings,
+    member_image_features,
+    prompt_states,
+)
 from visurf_ray.models.policy import Policy
 from visurf_ray.rewards import count, grounding
 from visurf_ray.rewards.geometry import box_iou
@@ -187,11 +201,11 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 5, 
     """Balanced accuracy of a standardised L2 logistic regression's held-out predictions, stratified `folds`-fold
     cross-validation (with balanced classes, its plain accuracy).
 
-    features: [N, D]; labels: [N] in {0, 1}, both classes at least `folds` times."""
+    features: [N, D]; labels: [N] integer classes (2 or more), each at least `folds` times."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
     splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     hits = cross_val_predict(probe, features, labels, cv=splits) == labels
-    return Accuracy.of(hits[labels == 1], hits[labels == 0])
+    return Accuracy.of(*(hits[labels == label] for label in np.unique(labels)[::-1]))
 
 
 def look_presence_accuracy(policy: Policy, per_class: int, seed: int = 0) -> Accuracy:
@@ -298,6 +312,60 @@ def reading_share(samples: list[Sample], answers: list[str]) -> Accuracy:
     return Accuracy.of(np.array(named))
 
 
+COUNT_PREFIX = "<think>I count "
+"""The completion prefix after which a count answer writes its number."""
+
+
+def selection_questions(count: int, seed: int = 0) -> list[Sample]:
+    """The first `count` held-out "How many <colour> shapes are there?" count items (pretraining colours)."""
+    return list(itertools.islice(iter_split("retained/count", seed, where=lambda m: m["form"] == "colour"), count))
+
+
+@torch.no_grad()
+def count_answer_states(policy: Policy, samples: list[Sample]) -> np.ndarray:
+    """[N, hidden] float64: the language model's last hidden state at the last token of COUNT_PREFIX, forced as the
+    completion of each sample's prompt — the state that predicts the count."""
+    was_training = policy.model.training
+    policy.model.eval()
+    prefix = policy.tokenizer(COUNT_PREFIX, add_special_tokens=False)["input_ids"]
+    states = []
+    for first in range(0, len(samples), PROBE_BATCH):
+        batch = samples[first : first + PROBE_BATCH]
+        prompts = encode_prompts(policy, [s.image for s in batch], [s.problem for s in batch]).to(policy.device)
+        sequences = encode_sequences(policy, prompts, [prefix] * len(batch), list(range(len(batch))))
+        outputs = policy.model(
+            input_ids=sequences.input_ids,
+            inputs_embeds=input_embeddings(policy.model, sequences, member_image_features(policy.model, sequences)),
+            attention_mask=sequences.attention_mask,
+            mm_token_type_ids=sequences.mm_token_type_ids,
+            image_grid_thw=sequences.image_grid_thw,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        states += list(outputs.hidden_states[-1][:, -1].double().cpu().numpy())  # equal prefixes: no padding
+    policy.model.train(was_training)
+    return np.stack(states)
+
+
+def selection_accuracies(policy: Policy, samples: list[Sample], *, seed: int = 0) -> dict[str, Accuracy]:
+    """Probes on `count_answer_states` of "How many <colour> shapes are there?" items (`selection_questions`):
+    {"asked": which colour the question names, "colours": the mean over SEEN_COLOURS of whether that colour is in
+    the image, "answer": whether the asked colour is (the item's count > 0), "by_objects": the "answer" probe on the
+    one-hot number of objects instead of the states}."""
+    states = count_answer_states(policy, samples)
+    asked = np.array([SEEN_COLOURS.index(s.meta["question"].split()[2]) for s in samples])
+    present = np.array([[any(o["colour"] == c for o in s.meta["scene"]) for c in SEEN_COLOURS] for s in samples])
+    colours = [probe_accuracy(states, present[:, index].astype(int), seed=seed) for index in range(len(SEEN_COLOURS))]
+    answer = np.array([s.meta["count"] > 0 for s in samples], dtype=int)
+    objects = np.eye(MAX_COUNT + 1)[[s.meta["objects"] for s in samples]]
+    return {
+        "asked": probe_accuracy(states, asked, seed=seed),
+        "colours": Accuracy(tuple(group for accuracy in colours for group in accuracy.groups)),
+        "answer": probe_accuracy(states, answer, seed=seed),
+        "by_objects": probe_accuracy(objects, answer, seed=seed),
+    }
+
+
 def two_object_queries(count: int, seed: int = 0) -> list[Sample]:
     """The first `count` held-out two-object "Find the <colour> <shape>." items (pretraining colours)."""
     concept = CONCEPTS["no_object"]
@@ -310,8 +378,9 @@ def perception_checks(
 ) -> dict[str, Accuracy]:
     """Every check's accuracy by name (module docstring): probes `<concept>_<features>` for every feature set a
     concept reads, "no_object_count_{answer,think}", "no_object_image_per_look" on `per_look` items per class and
-    look, "empty_image_{all,count}_{answer,think}" and "empty_image_prompt" on `per_class` pairs, and "query_binding",
-    "query_binding_mixed" and "query_reading" on 2 · `per_class` items each."""
+    look, "empty_image_{all,count}_{answer,think}" and "empty_image_prompt" on `per_class` pairs, "query_binding",
+    "query_binding_mixed" and "query_reading" on 2 · `per_class` items each, and "query_selection_{asked,colours,
+    answer,by_objects}" on 4 · `per_class` count questions."""
     results = {}
     for name, concept in CONCEPTS.items():
         samples, labels = concept_samples(concept, per_class, seed)
@@ -337,4 +406,6 @@ def perception_checks(
     results["query_binding_mixed"] = Accuracy(((outcomes["mixed"], len(queries)),))
     questions = reading_questions(2 * per_class, seed)
     results["query_reading"] = reading_share(questions, greedy_answers(policy, questions, max_new_tokens))
+    for name, accuracy in selection_accuracies(policy, selection_questions(4 * per_class, seed), seed=seed).items():
+        results[f"query_selection_{name}"] = accuracy
     return results
