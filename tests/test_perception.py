@@ -203,7 +203,7 @@ ABSENCE_NOT_SEEN = (
     "different objects (phantom boxes 0.30), although its thinks now name the asked look (query_reading 0.64); where "
     "it writes a count it knows which colour was asked (query_selection_asked 1.00) but whether that colour is there "
     "only as well as the number of objects says (0.666 vs 0.668): it does not select objects by the question, and "
-    "no training tried at this size learns to (README); every base-model change tried left it at chance"
+    "training at this size learns it only in part (README); every base-model change tried left it at chance"
 )
 
 
