@@ -308,18 +308,33 @@ def completion_logits(
     members) or else `member_image_features`: one vision-tower pass per distinct prompt, never one per member.
     `input_ids` still set the multimodal rotary positions.
     """
+    outputs = _sequence_forward(model, seq_batch, features, logits_to_keep=seq_batch.completion_length + 1)
+    return outputs.logits[:, :-1]
+
+
+def completion_hidden_states(
+    model: VisionLanguageModel, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The language model's hidden states over prompts and completions, [N, P + T, hidden] each: the embeddings,
+    then every decoder layer's output (transformers' `output_hidden_states`). features: as in `completion_logits`."""
+    return _sequence_forward(model, seq_batch, features, logits_to_keep=1, output_hidden_states=True).hidden_states
+
+
+def _sequence_forward(
+    model: VisionLanguageModel, seq_batch: SequenceBatch, features: Mapping[int, torch.Tensor] | None, **options: Any
+) -> Any:
+    """One forward pass over prompts and completions with the image features spliced in (see `completion_logits`)."""
     if features is None:
         features = member_image_features(model, seq_batch)
-    outputs = model(
+    return model(
         input_ids=seq_batch.input_ids,
         inputs_embeds=input_embeddings(model, seq_batch, features),
         attention_mask=seq_batch.attention_mask,
         mm_token_type_ids=seq_batch.mm_token_type_ids,
         image_grid_thw=seq_batch.image_grid_thw,
         use_cache=False,
-        logits_to_keep=seq_batch.completion_length + 1,
+        **options,
     )
-    return outputs.logits[:, :-1]
 
 
 def _token_log_probs(logits: torch.Tensor, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

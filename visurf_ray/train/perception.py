@@ -72,11 +72,10 @@ from visurf_ray.data.benchmark import MAX_COUNT, SEEN_COLOURS, SHAPES, empty_ima
 from visurf_ray.data.prompts import format_problem
 from visurf_ray.data.sample import Sample
 from visurf_ray.models.inputs import (
+    completion_hidden_states,
     encode_prompts,
     encode_sequences,
     image_features,
-    input_embeddings,
-    member_image_features,
     prompt_states,
 )
 from visurf_ray.models.policy import Policy
@@ -333,16 +332,8 @@ def count_answer_states(policy: Policy, samples: list[Sample]) -> np.ndarray:
         batch = samples[first : first + PROBE_BATCH]
         prompts = encode_prompts(policy, [s.image for s in batch], [s.problem for s in batch]).to(policy.device)
         sequences = encode_sequences(policy, prompts, [prefix] * len(batch), list(range(len(batch))))
-        outputs = policy.model(
-            input_ids=sequences.input_ids,
-            inputs_embeds=input_embeddings(policy.model, sequences, member_image_features(policy.model, sequences)),
-            attention_mask=sequences.attention_mask,
-            mm_token_type_ids=sequences.mm_token_type_ids,
-            image_grid_thw=sequences.image_grid_thw,
-            use_cache=False,
-            output_hidden_states=True,
-        )
-        states += list(outputs.hidden_states[-1][:, -1].double().cpu().numpy())  # equal prefixes: no padding
+        last_layer = completion_hidden_states(policy.model, sequences)[-1]
+        states += list(last_layer[:, -1].double().cpu().numpy())  # equal prefixes: no padding
     policy.model.train(was_training)
     return np.stack(states)
 
