@@ -6,6 +6,7 @@ Examples:
     python experiments/pretrain_base.py --steps 300 --out runs/base-300   # another recipe, into a folder
     python experiments/pretrain_base.py --spec rope_theta=1000 text_heads=4 text_kv_heads=2 --out runs/base-theta
         # another model (TinyVLMSpec fields; values in YAML), then: python experiments/perception.py --model runs/...
+    python experiments/pretrain_base.py --device cuda --steps 3300 --out runs/base-gpu   # on a GPU (float32)
 The cache root is --cache-dir, else $VISURF_CACHE, else ~/.cache/visurf_ray; the folder name holds the recipe's hash.
 """
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="items per step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (the cache holds CPU-trained models)")
     parser.add_argument("--spec", nargs="+", default=[], metavar="KEY=VALUE", help="TinyVLMSpec fields to change")
     parser.add_argument("--out", type=Path, help="train into this folder instead of the cache (must not exist)")
     parser.add_argument("--cache-dir", type=Path, help="cache root (default $VISURF_CACHE or ~/.cache/visurf_ray)")
@@ -91,8 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None:
         if args.out.exists():
             parser.error(f"--out {args.out} already exists")
-        pretrain_base(cfg, args.out)
+        pretrain_base(cfg, args.out, device=args.device)
         folder = args.out
+    elif args.device != "cpu":
+        parser.error(
+            f"--device {args.device} needs --out: the cache holds CPU-trained models (equal recipe, equal bits)"
+        )
     else:
         folder = ensure_base_model(args.cache_dir, cfg, force=args.force)
     report = json.loads((folder / REPORT_FILE).read_text())

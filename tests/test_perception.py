@@ -3,6 +3,8 @@ base model (slow), whether each beyond-knowledge slice's concept is visible to i
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -117,6 +119,12 @@ def test_accuracy_is_the_mean_of_group_shares_with_their_binomial_interval():
     assert balanced.half_width == pytest.approx(1.959964 * np.sqrt(variance), rel=1e-12)
     assert Accuracy(((5, 5),)).half_width == 0.0 and np.isnan(Accuracy(()).value)
     assert str(Accuracy(((3, 4),))) == "0.750 ± 0.424"
+    assert balanced.as_dict() == {
+        "value": balanced.value,
+        "half_width": balanced.half_width,
+        "groups": [[270, 300], [150, 300]],
+    }
+    assert Accuracy(()).as_dict() == {"value": None, "half_width": None, "groups": []}  # JSON has no NaN
     with pytest.raises(ValueError, match=r"Accuracy.groups .*3/2"):
         Accuracy(((3, 2),))
 
@@ -186,6 +194,19 @@ def test_features_and_checks_run_on_a_small_policy(small_policy_dir):
     assert np.isnan(results["query_binding"].value)  # 4 tokens cannot hold a box: no answer finds an object
     # nor a phantom box, nor a look after a count
     assert results["query_binding_mixed"].value == 0.0 and results["query_reading"].value == 0.0
+
+
+def test_perception_cli_prints_and_writes_every_check_with_the_verdicts(small_policy_dir, tmp_path, capsys):
+    from experiments.perception import main
+
+    path = tmp_path / "perception.json"
+    argv = ["--model", str(small_policy_dir), "--per-class", "10", "--per-look", "5", "--max-new-tokens", "4"]
+    results = main([*argv, "--json", str(path)])
+    written = json.loads(path.read_text())
+    assert written["checks"].keys() == results.keys() and written["visible"].keys() == DECIDING.keys()
+    assert written["checks"]["anomaly_image"]["value"] == pytest.approx(results["anomaly_image"].value)
+    assert written["visible"]["anomaly"] == (results["anomaly_image"].value >= PROBE_THRESHOLD)
+    assert f"anomaly: {'visible' if written['visible']['anomaly'] else 'NOT visible'}" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

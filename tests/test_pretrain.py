@@ -130,6 +130,8 @@ def test_pretrain_cli_changes_model_fields_by_name():
         spec_with(TinyVLMSpec(), ["text_heads=3"])
     with pytest.raises(SystemExit):  # argparse's error, before anything is built
         main(["--spec", "text_heads=3", "--out", "unused"])
+    with pytest.raises(SystemExit):  # the cache holds CPU-trained models only
+        main(["--device", "cuda"])
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_the_final_ratio():

@@ -130,6 +130,15 @@ class Accuracy:
         """From boolean hit arrays, one non-empty array per group."""
         return cls(tuple((int(np.sum(h)), len(h)) for h in hit_groups))
 
+    def as_dict(self) -> dict:
+        """{"value", "half_width", "groups"} for JSON; value and half_width are None for a NaN check."""
+        finite = bool(self.groups)
+        return {
+            "value": self.value if finite else None,
+            "half_width": self.half_width if finite else None,
+            "groups": [list(group) for group in self.groups],
+        }
+
     def __str__(self) -> str:
         return f"{self.value:.3f} ± {self.half_width:.3f}"
 

@@ -232,16 +232,25 @@ def sft_update(
     return loss_value
 
 
-def train_base(cfg: PretrainConfig, *, log: Callable[[str], None] = print, log_every: int = 100) -> Policy:
+def train_base(
+    cfg: PretrainConfig,
+    *,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+) -> Policy:
     """Build the tiny VLM (tokenizer trained on `text_corpus(seed, corpus_size)`) and SFT it for `cfg.steps` steps.
 
-    Logs the mean loss (nats per target token), learning rate and elapsed seconds every `log_every` steps. Runs with
-    `cfg.threads` torch threads and restores the previous count afterwards. Returns the policy in eval mode.
+    device: where the model trains, in float32 (the cached base models are CPU-trained; a CUDA run is reproducible
+    only up to its kernels' nondeterminism). Logs the mean loss (nats per target token), learning rate and elapsed
+    seconds every `log_every` steps. Runs with `cfg.threads` torch threads and restores the previous count
+    afterwards. Returns the policy in eval mode, on `device`.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         policy = build_tiny_vlm(text_corpus(cfg.seed, cfg.corpus_size), cfg.spec, seed=cfg.seed)
+        policy.model.to(device)  # type: ignore[arg-type]  # transformers types `to` as a dtype/device wrapper
         model = policy.model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.weight_decay)
         start, losses = time.perf_counter(), []
@@ -334,15 +343,22 @@ def evaluate_base(policy: Policy, cfg: PretrainConfig) -> dict[str, float]:
     return scores
 
 
-def pretrain_base(cfg: PretrainConfig, out_dir: Path, *, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Pretrain the tiny base model with `cfg`, save it to `out_dir` and return its scores (see `evaluate_base`).
+def pretrain_base(
+    cfg: PretrainConfig,
+    out_dir: Path,
+    *,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Pretrain the tiny base model with `cfg` on `device` (see `train_base`), save it to `out_dir` and return its
+    scores (see `evaluate_base`, run on the same device).
 
     `out_dir` receives the policy (`Policy.save_pretrained`, loadable with `load_policy`) and, last,
-    `pretrain_report.json`: {"config", "recipe_version", "train_seconds", "eval_seconds", "scores"}.
+    `pretrain_report.json`: {"config", "recipe_version", "device", "train_seconds", "eval_seconds", "scores"}.
     """
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    policy = train_base(cfg, log=log)
+    policy = train_base(cfg, device=device, log=log)
     train_seconds = time.perf_counter() - start
     log(f"pretraining took {train_seconds:.0f} s; evaluating")
     start = time.perf_counter()
@@ -352,6 +368,7 @@ def pretrain_base(cfg: PretrainConfig, out_dir: Path, *, log: Callable[[str], No
     report = {
         "config": asdict(cfg),
         "recipe_version": RECIPE_VERSION,
+        "device": str(policy.device),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "scores": scores,
