@@ -12,7 +12,7 @@ kernels' nondeterminism; none of them replaces the cached CPU base model.
 
 Examples:
     python experiments/scale_selection.py --device cuda --out "$OUT"     # the lent GPU machine (scale_selection.sh)
-    python experiments/scale_selection.py --device cpu --smoke --out /tmp/scale   # the script's own check, ~2 min
+    python experiments/scale_selection.py --device cpu --smoke --out /tmp/scale   # the script's own check, ~3 min
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from visurf_ray.train.pretrain import PretrainConfig
 
 VARIANTS_FILE = "variants.json"
 RESULT_FILE = "result.json"
@@ -68,18 +72,16 @@ DECIDING_COLUMNS = (
 )
 
 
-def seconds_per_step(cfg, device: str, *, warmup: int = 3, measured: int = 12) -> float:
+def seconds_per_step(cfg: PretrainConfig, device: str, *, warmup: int = 3, measured: int = 12) -> float:
     """Mean wall seconds of one pretraining update of `cfg`'s model and batch size on `device`, on whole-mix batches
     (longer than the first stages': an upper bound for the run)."""
     import torch
 
-    from visurf_ray.data.benchmark import make_split, text_corpus
-    from visurf_ray.models import build_tiny_vlm
-    from visurf_ray.train.pretrain import sft_update
+    from visurf_ray.data.benchmark import make_split
+    from visurf_ray.train.pretrain import sft_update, untrained_policy
 
     torch.set_num_threads(cfg.threads)
-    policy = build_tiny_vlm(text_corpus(cfg.seed, cfg.corpus_size), cfg.spec, seed=cfg.seed)
-    policy.model.to(device).train()
+    policy = untrained_policy(cfg, device)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr)
     items = make_split("pretrain", cfg.batch_size * (warmup + measured), cfg.seed + 1)
     batches = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]

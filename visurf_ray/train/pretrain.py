@@ -232,6 +232,15 @@ def sft_update(
     return loss_value
 
 
+def untrained_policy(cfg: PretrainConfig, device: str | torch.device = "cpu") -> Policy:
+    """`cfg`'s tiny VLM before pretraining, on `device` in train mode: its tokenizer trained on
+    `text_corpus(cfg.seed, cfg.corpus_size)`, its weights drawn from `cfg.seed`."""
+    policy = build_tiny_vlm(text_corpus(cfg.seed, cfg.corpus_size), cfg.spec, seed=cfg.seed)
+    policy.model.to(device)  # type: ignore[arg-type]
+    policy.model.train()
+    return policy
+
+
 def train_base(
     cfg: PretrainConfig,
     *,
@@ -239,7 +248,7 @@ def train_base(
     log: Callable[[str], None] = print,
     log_every: int = 100,
 ) -> Policy:
-    """Build the tiny VLM (tokenizer trained on `text_corpus(seed, corpus_size)`) and SFT it for `cfg.steps` steps.
+    """Build the tiny VLM (`untrained_policy`) and SFT it for `cfg.steps` steps.
 
     device: where the model trains, in float32 (the cached base models are CPU-trained; a CUDA run is reproducible
     only up to its kernels' nondeterminism). Logs the mean loss (nats per target token), learning rate and elapsed
@@ -249,9 +258,8 @@ def train_base(
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        policy = build_tiny_vlm(text_corpus(cfg.seed, cfg.corpus_size), cfg.spec, seed=cfg.seed)
-        policy.model.to(device)  # type: ignore[arg-type]  # transformers types `to` as a dtype/device wrapper
-        model = policy.model.train()
+        policy = untrained_policy(cfg, device)
+        model = policy.model
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.weight_decay)
         start, losses = time.perf_counter(), []
         for step, batch in enumerate(training_batches(cfg)):
