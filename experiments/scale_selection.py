@@ -104,7 +104,9 @@ def budget_steps(budget_s: float, step_seconds: float, curriculum_steps: int) ->
 
 def run_variant(name: str, variant: Variant, args: argparse.Namespace) -> dict:
     """Pretrain `variant` into `<out>/<name>`, run the perception checks on it, write and return its result."""
-    from visurf_ray.models import TinyVLMSpec
+    import torch
+
+    from visurf_ray.models import TinyVLMSpec, load_policy
     from visurf_ray.train.perception import perception_checks
     from visurf_ray.train.pretrain import REPORT_FILE, CurriculumStage, PretrainConfig, pretrain_base
 
@@ -127,15 +129,10 @@ def run_variant(name: str, variant: Variant, args: argparse.Namespace) -> dict:
     cfg = replace(cfg, steps=steps)
     folder = args.out / name
     pretrain_base(cfg, folder, device=args.device, log=lambda line: print(f"[{name}] {line}", flush=True))
-    import torch
-
-    from visurf_ray.models import load_policy
-
     policy = load_policy(folder, dtype=torch.float32, device=args.device)
     start = time.perf_counter()
-    max_new_tokens = SMOKE_TOKENS if args.smoke else cfg.eval_max_new_tokens
     checks = perception_checks(
-        policy, per_class=args.per_class, per_look=args.per_look, seed=0, max_new_tokens=max_new_tokens
+        policy, per_class=args.per_class, per_look=args.per_look, seed=0, max_new_tokens=cfg.eval_max_new_tokens
     )
     result = {
         "variant": name,
@@ -147,7 +144,7 @@ def run_variant(name: str, variant: Variant, args: argparse.Namespace) -> dict:
         "perception_seconds": round(time.perf_counter() - start, 1),
         "pretrain_report": json.loads((folder / REPORT_FILE).read_text()),
         "per_class": args.per_class,
-        "checks": {name: accuracy.as_dict() for name, accuracy in checks.items()},
+        "checks": {check: accuracy.as_dict() for check, accuracy in checks.items()},
     }
     (folder / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
