@@ -1,0 +1,263 @@
+"""Is the failure to select image tokens by the question the language model's, or the image tokens'?
+
+The base model reads which colour a count question asks and sees the objects, yet its answer says whether the asked
+colour is there no better than the number of objects predicts (README, "Where selection fails"). This experiment
+trains a fresh tiny VLM of the default size on "How many <colour> shapes are there?" count items only (pretraining
+colours, 32 per step, AdamW, constant lr after 30 warm-up steps) with its image tokens coming from one source:
+
+- "learned": the model's own vision tower, trained with it (the base model's situation);
+- "oracle": a clean code — each image token's palette colours (multi-hot, read from its pixels), linearly embedded;
+  background tokens are zero. The language model must still choose the tokens whose colour the question names;
+- "frozen": a base model's vision tower (`--base`), frozen, under the fresh language model;
+- "oracle+frozen": the oracle's code plus the frozen tower's tokens, standardised per dimension and scaled by
+  `--nuisance` × the oracle's initial std: the clean colour signal is there, beside what the base model's tokens hold;
+- "oracle+shared": the oracle's code plus one fixed direction added to every object token, of norm `--nuisance` ×
+  the oracle's initial per-colour norm: the geometry measured on the base model's tokens (`token_geometry`), where
+  every object token shares one large direction and colours differ little.
+
+Every `--eval-every` steps it answers 300 held-out questions greedily and reports the exact count and the balanced
+accuracy of answering 0 against the asked colour's absence (chance 0.5). `--geometry` prints the norms and cosines
+of a policy's image tokens by colour instead.
+
+Examples:
+    python experiments/selection_oracle.py --vision oracle --out runs/selection_oracle/oracle.json
+    python experiments/selection_oracle.py --vision frozen --out runs/selection_oracle/frozen.json
+    python experiments/selection_oracle.py --geometry        # the cached base model's image tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visurf_ray.data.benchmark import COLOURS, SEEN_COLOURS, iter_split, text_corpus
+from visurf_ray.data.sample import Sample
+from visurf_ray.models import Policy, build_tiny_vlm, load_policy
+from visurf_ray.models.inputs import encode_prompts
+from visurf_ray.rewards import count as count_reward
+from visurf_ray.train.evaluate import greedy_answers
+from visurf_ray.train.perception import Accuracy, probe_accuracy
+from visurf_ray.train.pretrain import PretrainConfig, base_model_dir, sft_update
+
+VISION_SOURCES = ("learned", "oracle", "frozen", "oracle+frozen", "oracle+shared")
+COLOUR_TOLERANCE = 0.05  # normalised-pixel distance within which a pixel is a palette colour
+WARMUP_STEPS = 30
+BATCH_SIZE = 32
+
+
+def token_colours(processor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[image tokens, len(COLOURS)] bool: which palette colours each image token's pixels contain, from a Qwen2-VL
+    image `processor`'s normalised patches (`pixel_values` [patches, 3 · temporal · patch²], a merge group's patches
+    consecutive, as that processor orders them)."""
+    patch, merge = processor.patch_size, processor.merge_size
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    palette = (torch.tensor(list(COLOURS.values()), dtype=torch.float32).view(-1, 3, 1, 1) / 255.0 - mean) / std
+    frames = pixel_values.detach().float().cpu().view(-1, 3, processor.temporal_patch_size, patch, patch)[:, :, 0]
+    matches = (frames[:, None] - palette[None]).abs().amax(dim=2) < COLOUR_TOLERANCE  # [patches, colours, px, px]
+    return matches.flatten(2).any(-1).view(-1, merge * merge, len(COLOURS)).any(1)
+
+
+class OracleVision(nn.Module):
+    """Stands in for the vision tower: each image token is a learned linear embedding of `token_colours` (std
+    `init_std`), plus, optionally, a frozen vision tower's tokens standardised per dimension (`frozen`, with
+    `frozen_mean`/`frozen_std` over reference tokens) times `nuisance` · `init_std`, or a fixed shared direction of
+    norm `shared_norm` added to every object token."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        hidden: int,
+        *,
+        init_std: float,
+        seed: int,
+        frozen: nn.Module | None = None,
+        frozen_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+        nuisance: float = 0.0,
+        shared_norm: float = 0.0,
+    ):
+        super().__init__()
+        self.image_processor = policy.processor.image_processor
+        self.spatial_merge_size = self.image_processor.merge_size
+        generator = torch.Generator().manual_seed(seed)
+        self.embed = nn.Linear(len(COLOURS), hidden, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(hidden, len(COLOURS), generator=generator) * init_std)
+        direction = torch.randn(hidden, generator=generator)
+        self.register_buffer("shared", direction / direction.norm() * shared_norm)
+        self.frozen = frozen
+        if frozen is not None:
+            frozen.requires_grad_(False)
+            mean, std = frozen_stats  # type: ignore[misc]
+            self.register_buffer("frozen_mean", mean)
+            self.register_buffer("frozen_std", std)
+        self.nuisance_scale = nuisance * init_std
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(self, pixel_values, grid_thw=None, **kwargs):
+        present = token_colours(self.image_processor, pixel_values).to(self.embed.weight)
+        tokens = self.embed(present) + present.any(-1, keepdim=True) * self.shared
+        if self.frozen is not None:
+            raw = self.frozen(pixel_values, grid_thw=grid_thw).pooler_output
+            tokens = tokens + (raw - self.frozen_mean) / self.frozen_std * self.nuisance_scale
+        return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=tokens)
+
+
+def colour_questions(split: str, seed: int) -> Iterator[Sample]:
+    """The "How many <colour> shapes are there?" count items of `split`, in stream order."""
+    return iter_split(split, seed, where=lambda meta: meta["form"] == "colour")
+
+
+def frozen_token_stats(policy: Policy, tower: nn.Module, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (+1e-6) of `tower`'s image tokens over `samples`' images."""
+    prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
+    with torch.no_grad():
+        tokens = tower(prompts.pixel_values, grid_thw=prompts.image_grid_thw).pooler_output
+    return tokens.mean(0), tokens.std(0) + 1e-6
+
+
+def fresh_policy(source: str, *, base: Path | None, seed: int, nuisance: float, init_std: float) -> Policy:
+    """A fresh default-size tiny VLM whose image tokens come from `source` (VISION_SOURCES)."""
+    cfg = PretrainConfig(seed=seed)
+    policy = build_tiny_vlm(text_corpus(seed, cfg.corpus_size), cfg.spec, seed=seed)
+    model = policy.model.model
+    frozen = None
+    if source in ("frozen", "oracle+frozen"):
+        if base is None or not base.is_dir():
+            raise FileNotFoundError(f"--vision {source} needs a base model folder (--base), got {base}")
+        model.visual.load_state_dict(load_policy(base).model.model.visual.state_dict())
+        frozen = model.visual
+        frozen.requires_grad_(False)
+    if source in ("oracle", "oracle+frozen", "oracle+shared"):
+        stats = None
+        if frozen is not None:
+            reference = list(itertools.islice(colour_questions("pretrain/count", seed + 1), 200))
+            stats = frozen_token_stats(policy, frozen, reference)
+        shared = nuisance * init_std * cfg.spec.text_hidden**0.5 if source == "oracle+shared" else 0.0
+        model.visual = OracleVision(
+            policy,
+            cfg.spec.text_hidden,
+            init_std=init_std,
+            seed=seed,
+            frozen=frozen if source == "oracle+frozen" else None,
+            frozen_stats=stats,
+            nuisance=nuisance,
+            shared_norm=shared,
+        )
+    policy.model.train()
+    return policy
+
+
+def count_scores(policy: Policy, samples: list[Sample], max_new_tokens: int) -> dict:
+    """Greedy answers' exact-count share and the balanced accuracy of answering 0 against the asked colour's
+    absence."""
+    was_training = policy.model.training
+    policy.model.eval()
+    answers = greedy_answers(policy, samples, max_new_tokens)
+    policy.model.train(was_training)
+    counts = np.array([s.meta["count"] for s in samples])
+    predictions = [count_reward.parse_prediction(answer) for answer in answers]
+    exact = np.array([p is not None and p == int(c) for p, c in zip(predictions, counts, strict=True)])
+    zero = np.array([p is not None and p == 0 for p in predictions])
+    return {
+        "exact": float(exact.mean()),
+        "zero_vs_absent": Accuracy.of(zero[counts == 0], ~zero[counts > 0]).as_dict(),
+        "example": answers[0],
+    }
+
+
+def train(args: argparse.Namespace, log=print) -> dict:
+    """Train a fresh policy with `args.vision`'s image tokens; the scores every `args.eval_every` steps."""
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    policy = fresh_policy(args.vision, base=args.base, seed=args.seed, nuisance=args.nuisance, init_std=args.init_std)
+    held_out = list(itertools.islice(colour_questions("retained/count", args.seed), args.eval_items))
+    stream = colour_questions("pretrain/count", args.seed)
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.lr)
+    rows, losses, start = [], [], time.perf_counter()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+        batch = list(itertools.islice(stream, BATCH_SIZE))
+        losses.append(sft_update(policy, optimizer, batch, groups=3, grad_clip=1.0))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            row = {"step": step + 1, "loss": float(np.mean(losses[-args.eval_every :]))}
+            row |= count_scores(policy, held_out, args.max_new_tokens)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            log(json.dumps(row))
+            rows.append(row)
+    return {"vision": args.vision, "args": {k: str(v) for k, v in vars(args).items()}, "scores": rows}
+
+
+def token_geometry(policy: Policy, samples: list[Sample]) -> dict:
+    """Norms of `policy`'s image tokens (background, object), the mean cosine between tokens showing one colour
+    alone, for every pair of SEEN_COLOURS and the background, and a linear probe of each colour's presence on single
+    object tokens (`perception.probe_accuracy`: standardised, 5-fold): {"norms", "cosines": {a: {b}}, "probes"}."""
+    prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
+    with torch.no_grad():
+        tokens = policy.model.model.visual(prompts.pixel_values, grid_thw=prompts.image_grid_thw).pooler_output
+    tokens = tokens.double()
+    colours = token_colours(policy.processor.image_processor, prompts.pixel_values)
+    groups = {"background": ~colours.any(1)}
+    for index, colour in enumerate(COLOURS):
+        if colour in SEEN_COLOURS:
+            groups[colour] = colours[:, index] & (colours.sum(1) == 1)
+    unit = nn.functional.normalize(tokens, dim=-1)
+    objects = tokens[~groups["background"]].numpy()
+    return {
+        "norms": {
+            "background": float(tokens[groups["background"]].norm(dim=-1).mean()),
+            "objects": float(tokens[~groups["background"]].norm(dim=-1).mean()),
+        },
+        "cosines": {a: {b: float((unit[groups[a]] @ unit[groups[b]].T).mean()) for b in groups} for a in groups},
+        "probes": {
+            colour: probe_accuracy(objects, colours[~groups["background"], index].numpy().astype(int)).value
+            for index, colour in enumerate(COLOURS)
+            if colour in SEEN_COLOURS
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vision", choices=VISION_SOURCES, default="oracle")
+    parser.add_argument("--base", type=Path, default=base_model_dir(), help="base model for the frozen sources")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--init-std", type=float, default=0.5, help="std of the oracle code's embedding")
+    parser.add_argument("--nuisance", type=float, default=1.0)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-items", type=int, default=300)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--geometry", action="store_true", help="print --base's image-token geometry and stop")
+    parser.add_argument("--out", type=Path, help="JSON file for the result")
+    args = parser.parse_args(argv)
+    if args.geometry:
+        samples = list(itertools.islice(colour_questions("retained/count", args.seed), args.eval_items))
+        result = token_geometry(load_policy(args.base), samples)
+    else:
+        result = train(args)
+    text = json.dumps(result, indent=1)
+    print(text if args.geometry else f"final: {json.dumps(result['scores'][-1])}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
