@@ -94,10 +94,11 @@ class OracleVision(nn.Module):
             self.embed.weight.copy_(torch.randn(hidden, len(COLOURS), generator=generator) * init_std)
         direction = torch.randn(hidden, generator=generator)
         self.register_buffer("shared", direction / direction.norm() * shared_norm)
-        self.frozen = frozen
+        self.frozen = frozen  # its parameters stay as the caller froze them
         if frozen is not None:
-            frozen.requires_grad_(False)
-            mean, std = frozen_stats  # type: ignore[misc]
+            if frozen_stats is None:
+                raise ValueError("OracleVision: a frozen tower needs frozen_stats (its tokens' mean and std)")
+            mean, std = frozen_stats
             self.register_buffer("frozen_mean", mean)
             self.register_buffer("frozen_std", std)
         self.nuisance_scale = nuisance * init_std
