@@ -16,8 +16,8 @@ colours, 32 per step, AdamW, constant lr after 30 warm-up steps) with its image 
   every object token shares one large direction and colours differ little.
 
 Every `--eval-every` steps it answers 300 held-out questions greedily and reports the exact count and the balanced
-accuracy of answering 0 against the asked colour's absence (chance 0.5). `--geometry` prints the norms and cosines
-of a policy's image tokens by colour instead.
+accuracy of answering 0 against the asked colour's absence (chance 0.5). `--geometry` prints the norms, cosines and
+per-token colour probes of a policy's image tokens instead.
 
 Examples:
     python experiments/selection_oracle.py --vision oracle --out runs/selection_oracle/oracle.json
@@ -42,7 +42,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from visurf_ray.data.benchmark import COLOURS, SEEN_COLOURS, iter_split, text_corpus
 from visurf_ray.data.sample import Sample
 from visurf_ray.models import Policy, build_tiny_vlm, load_policy
-from visurf_ray.models.inputs import encode_prompts
+from visurf_ray.models.inputs import encode_prompts, image_features
 from visurf_ray.rewards import count as count_reward
 from visurf_ray.train.evaluate import greedy_answers
 from visurf_ray.train.perception import Accuracy, probe_accuracy
@@ -75,7 +75,7 @@ class OracleVision(nn.Module):
 
     def __init__(
         self,
-        policy: Policy,
+        image_processor,
         hidden: int,
         *,
         init_std: float,
@@ -86,8 +86,8 @@ class OracleVision(nn.Module):
         shared_norm: float = 0.0,
     ):
         super().__init__()
-        self.image_processor = policy.processor.image_processor
-        self.spatial_merge_size = self.image_processor.merge_size
+        self.image_processor = image_processor
+        self.spatial_merge_size = image_processor.merge_size
         generator = torch.Generator().manual_seed(seed)
         self.embed = nn.Linear(len(COLOURS), hidden, bias=False)
         with torch.no_grad():
@@ -121,12 +121,11 @@ def colour_questions(split: str, seed: int) -> Iterator[Sample]:
     return iter_split(split, seed, where=lambda meta: meta["form"] == "colour")
 
 
-def frozen_token_stats(policy: Policy, tower: nn.Module, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (+1e-6) of `tower`'s image tokens over `samples`' images."""
+def image_tokens(policy: Policy, samples: list[Sample]) -> torch.Tensor:
+    """[image tokens of all `samples`, hidden]: `policy`'s vision tower's output for their images, in order."""
     prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
     with torch.no_grad():
-        tokens = tower(prompts.pixel_values, grid_thw=prompts.image_grid_thw).pooler_output
-    return tokens.mean(0), tokens.std(0) + 1e-6
+        return torch.cat(image_features(policy.model, prompts))
 
 
 def fresh_policy(source: str, *, base: Path | None, seed: int, nuisance: float, init_std: float) -> Policy:
@@ -144,11 +143,11 @@ def fresh_policy(source: str, *, base: Path | None, seed: int, nuisance: float, 
     if source in ("oracle", "oracle+frozen", "oracle+shared"):
         stats = None
         if frozen is not None:
-            reference = list(itertools.islice(colour_questions("pretrain/count", seed + 1), 200))
-            stats = frozen_token_stats(policy, frozen, reference)
+            reference = image_tokens(policy, list(itertools.islice(colour_questions("pretrain/count", seed + 1), 200)))
+            stats = reference.mean(0), reference.std(0) + 1e-6
         shared = nuisance * init_std * cfg.spec.text_hidden**0.5 if source == "oracle+shared" else 0.0
         model.visual = OracleVision(
-            policy,
+            policy.processor.image_processor,
             cfg.spec.text_hidden,
             init_std=init_std,
             seed=seed,
@@ -206,25 +205,23 @@ def token_geometry(policy: Policy, samples: list[Sample]) -> dict:
     """Norms of `policy`'s image tokens (background, object), the mean cosine between tokens showing one colour
     alone, for every pair of SEEN_COLOURS and the background, and a linear probe of each colour's presence on single
     object tokens (`perception.probe_accuracy`: standardised, 5-fold): {"norms", "cosines": {a: {b}}, "probes"}."""
+    tokens = image_tokens(policy, samples).double()
     prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
-    with torch.no_grad():
-        tokens = policy.model.model.visual(prompts.pixel_values, grid_thw=prompts.image_grid_thw).pooler_output
-    tokens = tokens.double()
     colours = token_colours(policy.processor.image_processor, prompts.pixel_values)
     groups = {"background": ~colours.any(1)}
     for index, colour in enumerate(COLOURS):
         if colour in SEEN_COLOURS:
             groups[colour] = colours[:, index] & (colours.sum(1) == 1)
     unit = nn.functional.normalize(tokens, dim=-1)
-    objects = tokens[~groups["background"]].numpy()
+    objects = tokens[~groups["background"]]
     return {
         "norms": {
             "background": float(tokens[groups["background"]].norm(dim=-1).mean()),
-            "objects": float(tokens[~groups["background"]].norm(dim=-1).mean()),
+            "objects": float(objects.norm(dim=-1).mean()),
         },
         "cosines": {a: {b: float((unit[groups[a]] @ unit[groups[b]].T).mean()) for b in groups} for a in groups},
         "probes": {
-            colour: probe_accuracy(objects, colours[~groups["background"], index].numpy().astype(int)).value
+            colour: probe_accuracy(objects.numpy(), colours[~groups["background"], index].numpy().astype(int)).value
             for index, colour in enumerate(COLOURS)
             if colour in SEEN_COLOURS
         },

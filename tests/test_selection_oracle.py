@@ -57,11 +57,12 @@ def test_the_oracle_embeds_colours_zeroes_the_background_and_adds_the_shared_dir
     policy = default_size_policy
     sample = next(s for s in colour_questions("pretrain/count", 0) if s.meta["scene"])
     prompts = encode_prompts(policy, [sample.image, empty_image()], [sample.problem] * 2)
-    plain = OracleVision(policy, 128, init_std=0.5, seed=0)
-    shared = OracleVision(policy, 128, init_std=0.5, seed=0, shared_norm=3.0)
+    processor = policy.processor.image_processor
+    plain = OracleVision(processor, 128, init_std=0.5, seed=0)
+    shared = OracleVision(processor, 128, init_std=0.5, seed=0, shared_norm=3.0)
     clean = plain(prompts.pixel_values, prompts.image_grid_thw).pooler_output
     with_shared = shared(prompts.pixel_values, prompts.image_grid_thw).pooler_output
-    colours = token_colours(policy.processor.image_processor, prompts.pixel_values)
+    colours = token_colours(processor, prompts.pixel_values)
     torch.testing.assert_close(clean, colours.float() @ plain.embed.weight.T)
     assert clean[16:].abs().max() == 0 and colours[:16].any()  # the empty image: 16 zero tokens
     objects = colours.any(1)
