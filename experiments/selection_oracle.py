@@ -13,7 +13,14 @@ colours, 32 per step, AdamW, constant lr after 30 warm-up steps) with its image 
   `--nuisance` × the oracle's initial std: the clean colour signal is there, beside what the base model's tokens hold;
 - "oracle+shared": the oracle's code plus one fixed direction added to every object token, of norm `--nuisance` ×
   the oracle's initial per-colour norm: the geometry measured on the base model's tokens (`token_geometry`), where
-  every object token shares one large direction and colours differ little.
+  every object token shares one large direction and colours differ little;
+- "masks": a clean code of everything the image shows — each image token is a linear embedding (learned) of its
+  patches' pixel masks per palette colour; background tokens are zero. Colour, shape and an object's offset inside
+  the token are all there, linearly: unlike "oracle", the language model must select by colour among tokens that
+  also differ in what grounding needs;
+- "pretrained": the model's own vision tower, first pretrained alone (`--tower-steps`) to name every patch's look
+  (`pretrain_tower`: colour × shape × which quarter of the object, or background), then frozen — a tower trained
+  for looks before a language model reads it.
 
 Every `--eval-every` steps it answers 300 held-out questions greedily and reports the exact count and the balanced
 accuracy of answering 0 against the asked colour's absence (chance 0.5). `--geometry` prints the norms, cosines and
@@ -22,6 +29,7 @@ per-token colour probes of a policy's image tokens instead.
 Examples:
     python experiments/selection_oracle.py --vision oracle --out runs/selection_oracle/oracle.json
     python experiments/selection_oracle.py --vision frozen --out runs/selection_oracle/frozen.json
+    python experiments/selection_oracle.py --vision pretrained --out runs/selection_oracle/pretrained.json
     python experiments/selection_oracle.py --geometry        # the cached base model's image tokens
 """
 
@@ -39,7 +47,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visurf_ray.data.benchmark import COLOURS, SEEN_COLOURS, iter_split, text_corpus
+from visurf_ray.data.benchmark import CELL, COLOURS, GRID, OBJECT_CELLS, SEEN_COLOURS, SHAPES, iter_split, text_corpus
 from visurf_ray.data.sample import Sample
 from visurf_ray.models import Policy, build_tiny_vlm, load_policy
 from visurf_ray.models.inputs import encode_prompts, image_features
@@ -48,23 +56,28 @@ from visurf_ray.train.evaluate import greedy_answers
 from visurf_ray.train.perception import Accuracy, probe_accuracy
 from visurf_ray.train.pretrain import PretrainConfig, base_model_dir, sft_update
 
-VISION_SOURCES = ("learned", "oracle", "frozen", "oracle+frozen", "oracle+shared")
+VISION_SOURCES = ("learned", "oracle", "frozen", "oracle+frozen", "oracle+shared", "masks", "pretrained")
 COLOUR_TOLERANCE = 0.05  # normalised-pixel distance within which a pixel is a palette colour
 WARMUP_STEPS = 30
 BATCH_SIZE = 32
 
 
-def token_colours(processor, pixel_values: torch.Tensor) -> torch.Tensor:
-    """[image tokens, len(COLOURS)] bool: which palette colours each image token's pixels contain, from a Qwen2-VL
-    image `processor`'s normalised patches (`pixel_values` [patches, 3 · temporal · patch²], a merge group's patches
-    consecutive, as that processor orders them)."""
-    patch, merge = processor.patch_size, processor.merge_size
+def palette_masks(processor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[patches, len(COLOURS), patch, patch] bool: which pixels of each patch show each palette colour, from a
+    Qwen2-VL image `processor`'s normalised patches (`pixel_values` [patches, 3 · temporal · patch²], a merge group's
+    patches consecutive, as that processor orders them)."""
+    patch = processor.patch_size
     mean = torch.tensor(processor.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.image_std).view(3, 1, 1)
     palette = (torch.tensor(list(COLOURS.values()), dtype=torch.float32).view(-1, 3, 1, 1) / 255.0 - mean) / std
     frames = pixel_values.detach().float().cpu().view(-1, 3, processor.temporal_patch_size, patch, patch)[:, :, 0]
-    matches = (frames[:, None] - palette[None]).abs().amax(dim=2) < COLOUR_TOLERANCE  # [patches, colours, px, px]
-    return matches.flatten(2).any(-1).view(-1, merge * merge, len(COLOURS)).any(1)
+    return (frames[:, None] - palette[None]).abs().amax(dim=2) < COLOUR_TOLERANCE
+
+
+def token_colours(processor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[image tokens, len(COLOURS)] bool: which palette colours each image token's pixels contain (`palette_masks`)."""
+    merged = processor.merge_size**2
+    return palette_masks(processor, pixel_values).flatten(2).any(-1).view(-1, merged, len(COLOURS)).any(1)
 
 
 class OracleVision(nn.Module):
@@ -116,6 +129,86 @@ class OracleVision(nn.Module):
         return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=tokens)
 
 
+class MaskVision(nn.Module):
+    """Stands in for the vision tower: each image token is a learned linear embedding of its patches'
+    `palette_masks` (weights drawn with std `init_std` / √(2 · patch²), so that a token half covered by one colour
+    has about the oracle's norm for that colour); background tokens are zero."""
+
+    def __init__(self, image_processor, hidden: int, *, init_std: float, seed: int):
+        super().__init__()
+        self.image_processor = image_processor
+        self.spatial_merge_size = image_processor.merge_size
+        pixels = image_processor.patch_size**2
+        inputs = image_processor.merge_size**2 * len(COLOURS) * pixels
+        generator = torch.Generator().manual_seed(seed)
+        self.embed = nn.Linear(inputs, hidden, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(hidden, inputs, generator=generator) * init_std / (2 * pixels) ** 0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(self, pixel_values, grid_thw=None, **kwargs):
+        masks = palette_masks(self.image_processor, pixel_values).to(self.embed.weight)
+        tokens = self.embed(masks.view(-1, self.embed.in_features))
+        return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=tokens)
+
+
+PATCH_LOOKS = 1 + len(SEEN_COLOURS) * len(SHAPES) * OBJECT_CELLS**2
+"""Classes of a patch in `pretrain_tower`: background, or colour × shape × which cell of the object it shows."""
+TOWER_KINDS = ("grounding_single", "grounding_multi", "count")
+"""Pretraining kinds whose images are shapes on the background, with their scene in `Sample.meta["scene"]`."""
+
+
+def patch_looks(sample: Sample, merge: int) -> torch.Tensor:
+    """[image tokens, merge²] long: the `PATCH_LOOKS` class of every patch of `sample`'s image, a token's patches in
+    the image processor's order (row-major within the token, tokens row-major)."""
+    labels = torch.zeros(GRID, GRID, dtype=torch.long)
+    for index, item in enumerate(sample.meta["scene"]):
+        if item["colour"] not in SEEN_COLOURS or item["shape"] not in SHAPES:
+            raise ValueError(f"{sample.content_key()}: scene object {index} has no pretraining look: {item}")
+        col, row = item["bbox_2d"][0] // CELL, item["bbox_2d"][1] // CELL
+        look = SEEN_COLOURS.index(item["colour"]) * len(SHAPES) + SHAPES.index(item["shape"])
+        for dy, dx in itertools.product(range(OBJECT_CELLS), range(OBJECT_CELLS)):
+            labels[row + dy, col + dx] = 1 + look * OBJECT_CELLS**2 + dy * OBJECT_CELLS + dx
+    tokens = GRID // merge
+    return labels.view(tokens, merge, tokens, merge).permute(0, 2, 1, 3).reshape(tokens * tokens, merge * merge)
+
+
+def pretrain_tower(policy: Policy, *, steps: int, seed: int, lr: float = 1e-3, log=print) -> float:
+    """Train `policy`'s vision tower alone, with a linear head on its image tokens, to name every patch's look
+    (`patch_looks`; cross-entropy) on `TOWER_KINDS` pretraining images, `BATCH_SIZE` per step, AdamW at `lr` after
+    `WARMUP_STEPS` warm-up steps. Returns the head's accuracy on the object patches of 200 held-out images."""
+    model, merge = policy.model, policy.processor.image_processor.merge_size
+    head = nn.Linear(model.config.text_config.hidden_size, merge * merge * PATCH_LOOKS)
+    parameters = [*model.model.visual.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+
+    def logits_and_labels(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
+        logits = head(torch.cat(image_features(model, prompts))).view(-1, PATCH_LOOKS)
+        return logits, torch.cat([patch_looks(s, merge) for s in samples]).view(-1)
+
+    stream = iter_split("pretrain", seed, where=lambda meta: meta["kind"] in TOWER_KINDS)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS)
+        logits, labels = logits_and_labels(list(itertools.islice(stream, BATCH_SIZE)))
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        if (step + 1) % 100 == 0:
+            log(json.dumps({"tower_step": step + 1, "loss": round(loss.item(), 5)}))
+    held_out = list(itertools.islice(iter_split("retained/count", seed), 200))
+    with torch.no_grad():
+        logits, labels = logits_and_labels(held_out)
+    objects = labels > 0
+    return float((logits.argmax(-1)[objects] == labels[objects]).float().mean())
+
+
 def colour_questions(split: str, seed: int) -> Iterator[Sample]:
     """The "How many <colour> shapes are there?" count items of `split`, in stream order."""
     return iter_split(split, seed, where=lambda meta: meta["form"] == "colour")
@@ -128,12 +221,28 @@ def image_tokens(policy: Policy, samples: list[Sample]) -> torch.Tensor:
         return torch.cat(image_features(policy.model, prompts))
 
 
-def fresh_policy(source: str, *, base: Path | None, seed: int, nuisance: float, init_std: float) -> Policy:
-    """A fresh default-size tiny VLM whose image tokens come from `source` (VISION_SOURCES)."""
+def fresh_policy(
+    source: str,
+    *,
+    base: Path | None,
+    seed: int,
+    nuisance: float,
+    init_std: float,
+    tower_steps: int = 0,
+    log=print,
+) -> Policy:
+    """A fresh default-size tiny VLM whose image tokens come from `source` (VISION_SOURCES); "pretrained" first
+    trains its tower for `tower_steps` steps (`pretrain_tower`) and logs the tower's held-out patch accuracy."""
     cfg = PretrainConfig(seed=seed)
     policy = build_tiny_vlm(text_corpus(seed, cfg.corpus_size), cfg.spec, seed=seed)
     model = policy.model.model
     frozen = None
+    if source == "pretrained":
+        accuracy = pretrain_tower(policy, steps=tower_steps, seed=seed, log=log)
+        log(json.dumps({"tower_steps": tower_steps, "tower_patch_accuracy": round(accuracy, 4)}))
+        model.visual.requires_grad_(False)
+    if source == "masks":
+        model.visual = MaskVision(policy.processor.image_processor, cfg.spec.text_hidden, init_std=init_std, seed=seed)
     if source in ("frozen", "oracle+frozen"):
         if base is None or not base.is_dir():
             raise FileNotFoundError(f"--vision {source} needs a base model folder (--base), got {base}")
@@ -182,7 +291,15 @@ def train(args: argparse.Namespace, log=print) -> dict:
     """Train a fresh policy with `args.vision`'s image tokens; the scores every `args.eval_every` steps."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    policy = fresh_policy(args.vision, base=args.base, seed=args.seed, nuisance=args.nuisance, init_std=args.init_std)
+    policy = fresh_policy(
+        args.vision,
+        base=args.base,
+        seed=args.seed,
+        nuisance=args.nuisance,
+        init_std=args.init_std,
+        tower_steps=args.tower_steps,
+        log=log,
+    )
     held_out = list(itertools.islice(colour_questions("retained/count", args.seed), args.eval_items))
     stream = colour_questions("pretrain/count", args.seed)
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.lr)
@@ -235,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--init-std", type=float, default=0.5, help="std of the oracle code's embedding")
+    parser.add_argument("--tower-steps", type=int, default=400, help="steps of the pretrained source's tower")
     parser.add_argument("--nuisance", type=float, default=1.0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-items", type=int, default=300)

@@ -1,6 +1,7 @@
 """Tests of the selection experiment (experiments/selection_oracle.py): the oracle code reads each image token's
-colours from its pixels exactly as the scene places the objects; the oracle's tokens are what it says; every image
-source trains and is scored; the token geometry and probes are reported by colour."""
+colours from its pixels exactly as the scene places the objects; the oracle's and the mask code's tokens are what they
+say; the tower's patch labels agree with the pixels; tower pretraining learns them; every image source trains and is
+scored; the token geometry and probes are reported by colour."""
 
 from __future__ import annotations
 
@@ -12,14 +13,20 @@ import pytest
 import torch
 
 from experiments.selection_oracle import (
+    PATCH_LOOKS,
     VISION_SOURCES,
+    MaskVision,
     OracleVision,
     colour_questions,
+    fresh_policy,
     main,
+    palette_masks,
+    patch_looks,
+    pretrain_tower,
     token_colours,
     token_geometry,
 )
-from visurf_ray.data.benchmark import COLOURS, empty_image
+from visurf_ray.data.benchmark import COLOURS, SEEN_COLOURS, SHAPES, empty_image
 from visurf_ray.models import build_tiny_vlm
 from visurf_ray.models.inputs import encode_prompts
 from visurf_ray.models.processor import build_image_processor
@@ -53,11 +60,16 @@ def default_size_policy():
     return build_tiny_vlm(text_corpus(seed=0, n=200), seed=0)
 
 
-def test_the_oracle_embeds_colours_zeroes_the_background_and_adds_the_shared_direction(default_size_policy):
-    policy = default_size_policy
+@pytest.fixture(scope="module")
+def scene_and_empty_prompts(default_size_policy):
+    """(image processor, prompts): a count item with objects, then the same question on the empty image."""
     sample = next(s for s in colour_questions("pretrain/count", 0) if s.meta["scene"])
-    prompts = encode_prompts(policy, [sample.image, empty_image()], [sample.problem] * 2)
-    processor = policy.processor.image_processor
+    prompts = encode_prompts(default_size_policy, [sample.image, empty_image()], [sample.problem] * 2)
+    return default_size_policy.processor.image_processor, prompts
+
+
+def test_the_oracle_embeds_colours_zeroes_the_background_and_adds_the_shared_direction(scene_and_empty_prompts):
+    processor, prompts = scene_and_empty_prompts
     plain = OracleVision(processor, 128, init_std=0.5, seed=0)
     shared = OracleVision(processor, 128, init_std=0.5, seed=0, shared_norm=3.0)
     clean = plain(prompts.pixel_values, prompts.image_grid_thw).pooler_output
@@ -70,6 +82,39 @@ def test_the_oracle_embeds_colours_zeroes_the_background_and_adds_the_shared_dir
     assert (with_shared - clean)[~objects].abs().max() == 0
 
 
+def test_the_mask_code_embeds_each_patch_colour_mask_and_zeroes_the_background(scene_and_empty_prompts):
+    processor, prompts = scene_and_empty_prompts
+    vision = MaskVision(processor, 128, init_std=0.5, seed=0)
+    tokens = vision(prompts.pixel_values, prompts.image_grid_thw).pooler_output
+    masks = palette_masks(processor, prompts.pixel_values).float()  # [patches, colours, 14, 14]
+    assert masks.shape == (128, len(COLOURS), 14, 14) and masks[:64].sum() > 0
+    torch.testing.assert_close(tokens, masks.reshape(32, -1) @ vision.embed.weight.T)
+    assert tokens[16:].abs().max() == 0  # the empty image
+    objects = token_colours(processor, prompts.pixel_values)[:16].any(1)
+    assert (tokens[:16].norm(dim=-1) > 0).tolist() == objects.tolist()
+
+
+def test_patch_looks_name_each_objects_cells_where_its_pixels_are():
+    processor = build_image_processor(image_size=112, patch_size=14, merge_size=2)
+    samples = list(itertools.islice(colour_questions("pretrain/count", 0), 12))
+    for sample in samples:
+        pixels = processor(images=[sample.image], return_tensors="pt")["pixel_values"]
+        labels = patch_looks(sample, merge=2).view(-1)  # the processor's patch order
+        shown = palette_masks(processor, pixels).flatten(2).any(-1)  # [patches, colours]
+        assert int((labels > 0).sum()) == 4 * len(sample.meta["scene"])
+        assert not shown[labels == 0].any()  # a background patch shows no palette colour
+        for patch in torch.nonzero(shown.any(1)).view(-1).tolist():  # each coloured patch: its object's colour
+            look = (int(labels[patch]) - 1) // 4
+            colour = SEEN_COLOURS[look // len(SHAPES)]
+            assert labels[patch] > 0 and shown[patch].nonzero().view(-1).tolist() == [list(COLOURS).index(colour)]
+        assert int(labels.max()) < PATCH_LOOKS
+
+
+def test_pretrain_tower_learns_the_patch_looks():
+    policy = fresh_policy("learned", base=None, seed=0, nuisance=0.0, init_std=0.5)
+    assert pretrain_tower(policy, steps=40, seed=0, log=lambda line: None) > 0.5  # chance ≈ 1 / 48
+
+
 def test_every_image_source_trains_and_is_scored(tmp_path, default_size_policy):
     base = tmp_path / "base"
     default_size_policy.save_pretrained(base)
@@ -77,7 +122,7 @@ def test_every_image_source_trains_and_is_scored(tmp_path, default_size_policy):
         out = tmp_path / f"{source}.json"
         result = main(
             ["--vision", source, "--base", str(base), "--steps", "2", "--eval-every", "1", "--eval-items", "8"]
-            + ["--max-new-tokens", "4", "--out", str(out)]
+            + ["--max-new-tokens", "4", "--tower-steps", "2", "--out", str(out)]
         )
         assert [row["step"] for row in result["scores"]] == [1, 2]
         last = result["scores"][-1]
