@@ -230,16 +230,16 @@ def fresh_policy(
     init_std: float,
     tower_steps: int = 0,
     log=print,
-) -> Policy:
-    """A fresh default-size tiny VLM whose image tokens come from `source` (VISION_SOURCES); "pretrained" first
-    trains its tower for `tower_steps` steps (`pretrain_tower`) and logs the tower's held-out patch accuracy."""
+) -> tuple[Policy, dict]:
+    """A fresh default-size tiny VLM whose image tokens come from `source` (VISION_SOURCES), and what building it
+    measured: for "pretrained", whose tower first trains for `tower_steps` steps (`pretrain_tower`, logging to
+    `log`), {"tower_patch_accuracy"}; else {}."""
     cfg = PretrainConfig(seed=seed)
     policy = build_tiny_vlm(text_corpus(seed, cfg.corpus_size), cfg.spec, seed=seed)
     model = policy.model.model
-    frozen = None
+    frozen, measured = None, {}
     if source == "pretrained":
-        accuracy = pretrain_tower(policy, steps=tower_steps, seed=seed, log=log)
-        log(json.dumps({"tower_steps": tower_steps, "tower_patch_accuracy": round(accuracy, 4)}))
+        measured["tower_patch_accuracy"] = pretrain_tower(policy, steps=tower_steps, seed=seed, log=log)
         model.visual.requires_grad_(False)
     if source == "masks":
         model.visual = MaskVision(policy.processor.image_processor, cfg.spec.text_hidden, init_std=init_std, seed=seed)
@@ -266,7 +266,7 @@ def fresh_policy(
             shared_norm=shared,
         )
     policy.model.train()
-    return policy
+    return policy, measured
 
 
 def count_scores(policy: Policy, samples: list[Sample], max_new_tokens: int) -> dict:
@@ -291,7 +291,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
     """Train a fresh policy with `args.vision`'s image tokens; the scores every `args.eval_every` steps."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    policy = fresh_policy(
+    policy, measured = fresh_policy(
         args.vision,
         base=args.base,
         seed=args.seed,
@@ -300,6 +300,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
         tower_steps=args.tower_steps,
         log=log,
     )
+    if measured:
+        log(json.dumps(measured))
     held_out = list(itertools.islice(colour_questions("retained/count", args.seed), args.eval_items))
     stream = colour_questions("pretrain/count", args.seed)
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.lr)
@@ -315,7 +317,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
             row["seconds"] = round(time.perf_counter() - start, 1)
             log(json.dumps(row))
             rows.append(row)
-    return {"vision": args.vision, "args": {k: str(v) for k, v in vars(args).items()}, "scores": rows}
+    args_text = {k: str(v) for k, v in vars(args).items()}
+    return {"vision": args.vision, "args": args_text, "vision_measured": measured, "scores": rows}
 
 
 def token_geometry(policy: Policy, samples: list[Sample]) -> dict:
@@ -362,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--geometry", action="store_true", help="print --base's image-token geometry and stop")
     parser.add_argument("--out", type=Path, help="JSON file for the result")
     args = parser.parse_args(argv)
+    if args.tower_steps < 1:
+        parser.error(f"--tower-steps must be at least 1, got {args.tower_steps}")
     if args.geometry:
         samples = list(itertools.islice(colour_questions("retained/count", args.seed), args.eval_items))
         result = token_geometry(load_policy(args.base), samples)

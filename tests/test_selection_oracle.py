@@ -111,7 +111,8 @@ def test_patch_looks_name_each_objects_cells_where_its_pixels_are():
 
 
 def test_pretrain_tower_learns_the_patch_looks():
-    policy = fresh_policy("learned", base=None, seed=0, nuisance=0.0, init_std=0.5)
+    policy, measured = fresh_policy("learned", base=None, seed=0, nuisance=0.0, init_std=0.5)
+    assert measured == {}
     assert pretrain_tower(policy, steps=40, seed=0, log=lambda line: None) > 0.5  # chance ≈ 1 / 48
 
 
@@ -130,6 +131,7 @@ def test_every_image_source_trains_and_is_scored(tmp_path, default_size_policy):
         zero = last["zero_vs_absent"]
         assert sum(total for _, total in zero["groups"]) == 8 and 0.0 <= zero["value"] <= 1.0
         assert json.loads(out.read_text()) == result
+        assert list(result["vision_measured"]) == (["tower_patch_accuracy"] if source == "pretrained" else [])
 
 
 def test_frozen_sources_need_a_base_model(tmp_path):
