@@ -325,8 +325,9 @@ def token_geometry(policy: Policy, samples: list[Sample]) -> dict:
     """Norms of `policy`'s image tokens (background, object), the mean cosine between tokens showing one colour
     alone, for every pair of SEEN_COLOURS and the background, and a linear probe of each colour's presence on single
     object tokens (`perception.probe_accuracy`: standardised, 5-fold): {"norms", "cosines": {a: {b}}, "probes"}."""
-    tokens = image_tokens(policy, samples).double()
     prompts = encode_prompts(policy, [s.image for s in samples], [s.problem for s in samples])
+    with torch.no_grad():
+        tokens = torch.cat(image_features(policy.model, prompts)).double()
     colours = token_colours(policy.processor.image_processor, prompts.pixel_values)
     groups = {"background": ~colours.any(1)}
     for index, colour in enumerate(COLOURS):
