@@ -22,14 +22,18 @@ colours, 32 per step, AdamW, constant lr after 30 warm-up steps) with its image 
   (`pretrain_tower`: colour × shape × which quarter of the object, or background), then frozen — a tower trained
   for looks before a language model reads it.
 
-Every `--eval-every` steps it answers 300 held-out questions greedily and reports the exact count and the balanced
-accuracy of answering 0 against the asked colour's absence (chance 0.5). `--geometry` prints the norms, cosines and
-per-token colour probes of a policy's image tokens instead.
+`--question presence` asks the same items as "Is there a <colour> shape?" (think "There is a/no <colour> shape.",
+answer `\\boxed{yes}` / `\\boxed{no}`): the bit the check needs as the whole target, without the count.
+
+Every `--eval-every` steps it answers 300 held-out questions greedily and reports the share of exactly right answers
+and the balanced accuracy of answering that the asked colour is absent (0, or "no") against its absence (chance 0.5).
+`--geometry` prints the norms, cosines and per-token colour probes of a policy's image tokens instead.
 
 Examples:
     python experiments/selection_oracle.py --vision oracle --out runs/selection_oracle/oracle.json
     python experiments/selection_oracle.py --vision frozen --out runs/selection_oracle/frozen.json
     python experiments/selection_oracle.py --vision pretrained --out runs/selection_oracle/pretrained.json
+    python experiments/selection_oracle.py --vision learned --question presence --lr 1e-3 --out runs/presence.json
     python experiments/selection_oracle.py --geometry        # the cached base model's image tokens
 """
 
@@ -38,8 +42,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +53,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from visurf_ray.data.answers import count_answer
 from visurf_ray.data.benchmark import CELL, COLOURS, GRID, OBJECT_CELLS, SEEN_COLOURS, SHAPES, iter_split, text_corpus
 from visurf_ray.data.sample import Sample
 from visurf_ray.models import Policy, build_tiny_vlm, load_policy
@@ -57,6 +64,7 @@ from visurf_ray.train.perception import Accuracy, probe_accuracy
 from visurf_ray.train.pretrain import PretrainConfig, base_model_dir, sft_update
 
 VISION_SOURCES = ("learned", "oracle", "frozen", "oracle+frozen", "oracle+shared", "masks", "pretrained")
+QUESTIONS = ("count", "presence")
 COLOUR_TOLERANCE = 0.05  # normalised-pixel distance within which a pixel is a palette colour
 WARMUP_STEPS = 30
 BATCH_SIZE = 32
@@ -209,9 +217,29 @@ def pretrain_tower(policy: Policy, *, steps: int, seed: int, lr: float = 1e-3, l
     return float((logits.argmax(-1)[objects] == labels[objects]).float().mean())
 
 
-def colour_questions(split: str, seed: int) -> Iterator[Sample]:
-    """The "How many <colour> shapes are there?" count items of `split`, in stream order."""
-    return iter_split(split, seed, where=lambda meta: meta["form"] == "colour")
+def colour_questions(split: str, seed: int, question: str = "count") -> Iterator[Sample]:
+    """The "How many <colour> shapes are there?" count items of `split`, in stream order; with `question`
+    "presence", each asked as `presence_question`."""
+    items = iter_split(split, seed, where=lambda meta: meta["form"] == "colour")
+    return items if question == "count" else map(presence_question, items)
+
+
+ASKED_COLOUR = re.compile(r"How many (\w+) shapes are there\?")
+
+
+def presence_question(sample: Sample) -> Sample:
+    """A "How many <colour> shapes are there?" count item asked as "Is there a <colour> shape?" on the same image:
+    think "There is a/no <colour> shape.", solution `\\boxed{yes}` or `\\boxed{no}`."""
+    asked = ASKED_COLOUR.match(sample.problem)
+    if asked is None:
+        raise ValueError(f"{sample.id}: not a colour count question: {sample.problem!r}")
+    colour, present = asked.group(1), sample.meta["count"] > 0
+    return replace(
+        sample,
+        problem=f"Is there a {colour} shape? Reply <think>...</think><answer>\\boxed{{yes or no}}</answer>.",
+        solution=count_answer("yes" if present else "no"),
+        meta={**sample.meta, "think": f"There is {'a' if present else 'no'} {colour} shape."},
+    )
 
 
 def image_tokens(policy: Policy, samples: list[Sample]) -> torch.Tensor:
@@ -270,19 +298,20 @@ def fresh_policy(
 
 
 def count_scores(policy: Policy, samples: list[Sample], max_new_tokens: int) -> dict:
-    """Greedy answers' exact-count share and the balanced accuracy of answering 0 against the asked colour's
-    absence."""
+    """Greedy answers' share exactly right (normalised as the count task's verifier does) and the balanced
+    accuracy of answering that the asked colour is absent (0, or "no") against its absence (`meta["count"]` 0)."""
     was_training = policy.model.training
     policy.model.eval()
     answers = greedy_answers(policy, samples, max_new_tokens)
     policy.model.train(was_training)
-    counts = np.array([s.meta["count"] for s in samples])
+    absent = np.array([s.meta["count"] == 0 for s in samples])
     predictions = [count_reward.parse_prediction(answer) for answer in answers]
-    exact = np.array([p is not None and p == int(c) for p, c in zip(predictions, counts, strict=True)])
-    zero = np.array([p is not None and p == 0 for p in predictions])
+    truths = [count_reward.normalise(count_reward.parse_solution(s.solution)) for s in samples]
+    exact = np.array([p is not None and p == t for p, t in zip(predictions, truths, strict=True)])
+    says_absent = np.array([p is not None and p in (0, "no") for p in predictions])
     return {
         "exact": float(exact.mean()),
-        "zero_vs_absent": Accuracy.of(zero[counts == 0], ~zero[counts > 0]).as_dict(),
+        "zero_vs_absent": Accuracy.of(says_absent[absent], ~says_absent[~absent]).as_dict(),
         "example": answers[0],
     }
 
@@ -302,8 +331,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
     )
     if measured:
         log(json.dumps(measured))
-    held_out = list(itertools.islice(colour_questions("retained/count", args.seed), args.eval_items))
-    stream = colour_questions("pretrain/count", args.seed)
+    held_out = list(itertools.islice(colour_questions("retained/count", args.seed, args.question), args.eval_items))
+    stream = colour_questions("pretrain/count", args.seed, args.question)
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=args.lr)
     rows, losses, start = [], [], time.perf_counter()
     for step in range(args.steps):
@@ -318,7 +347,13 @@ def train(args: argparse.Namespace, log=print) -> dict:
             log(json.dumps(row))
             rows.append(row)
     args_text = {k: str(v) for k, v in vars(args).items()}
-    return {"vision": args.vision, "args": args_text, "vision_measured": measured, "scores": rows}
+    return {
+        "vision": args.vision,
+        "question": args.question,
+        "args": args_text,
+        "vision_measured": measured,
+        "scores": rows,
+    }
 
 
 def token_geometry(policy: Policy, samples: list[Sample]) -> dict:
@@ -353,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vision", choices=VISION_SOURCES, default="oracle")
     parser.add_argument("--base", type=Path, default=base_model_dir(), help="base model for the frozen sources")
+    parser.add_argument("--question", choices=QUESTIONS, default="count", help="how the colour items are asked")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--init-std", type=float, default=0.5, help="std of the oracle code's embedding")

@@ -1,7 +1,8 @@
 """Tests of the selection experiment (experiments/selection_oracle.py): the oracle code reads each image token's
 colours from its pixels exactly as the scene places the objects; the oracle's and the mask code's tokens are what they
-say; the tower's patch labels agree with the pixels; tower pretraining learns them; every image source trains and is
-scored; the token geometry and probes are reported by colour."""
+say; the tower's patch labels agree with the pixels; tower pretraining learns them; the presence form asks the same
+items; every image source and question form trains and is scored; the token geometry and probes are reported by
+colour."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ import torch
 
 from experiments.selection_oracle import (
     PATCH_LOOKS,
+    QUESTIONS,
     VISION_SOURCES,
     MaskVision,
     OracleVision,
     colour_questions,
+    count_scores,
     fresh_policy,
     main,
     palette_masks,
     patch_looks,
+    presence_question,
     pretrain_tower,
     token_colours,
     token_geometry,
@@ -51,6 +55,41 @@ def test_token_colours_follow_the_scene():
     for sample in samples:
         pixels = processor(images=[sample.image], return_tensors="pt")["pixel_values"]
         assert np.array_equal(token_colours(processor, pixels).numpy(), scene_token_colours(sample.meta["scene"]))
+
+
+def test_the_presence_form_asks_each_count_item_whether_its_colour_is_there():
+    counts = list(itertools.islice(colour_questions("pretrain/count", 0), 40))
+    presence = list(itertools.islice(colour_questions("pretrain/count", 0, "presence"), 40))
+    assert {s.meta["count"] == 0 for s in counts} == {True, False}
+    for asked, item in zip(counts, presence, strict=True):
+        colour = asked.problem.split()[2]
+        answer = "no" if asked.meta["count"] == 0 else "yes"
+        assert item.image.tobytes() == asked.image.tobytes() and item.problem.startswith(
+            f"Is there a {colour} shape? Reply <think>"
+        )
+        assert item.solution == f"\\boxed{{{answer}}}"
+        assert item.meta["think"] == f"There is {'no' if answer == 'no' else 'a'} {colour} shape."
+    with pytest.raises(ValueError, match="not a colour count question"):
+        presence_question(presence[0])
+
+
+def test_scores_read_zero_and_no_as_absent(monkeypatch):
+    samples = list(itertools.islice(colour_questions("retained/count", 0, "presence"), 12))
+    absent = np.array([s.meta["count"] == 0 for s in samples])
+    assert 0 < absent.sum() < len(samples)
+    replies = ["no" if gone else "yes" for gone in absent]
+    replies[0] = "yes" if absent[0] else "no"  # one wrong answer, then a count answer (never exact)
+    replies[1] = "0"
+    answers = [f"<think>x</think><answer>\\boxed{{{reply}}}</answer>" for reply in replies]
+    monkeypatch.setattr("experiments.selection_oracle.greedy_answers", lambda policy, items, tokens: answers)
+    scores = count_scores(type("Policy", (), {"model": torch.nn.Linear(1, 1)})(), samples, 8)
+    assert scores["exact"] == pytest.approx((len(samples) - 2) / len(samples))
+    says_absent = np.array([reply in ("no", "0") for reply in replies])
+    hits = says_absent == absent
+    assert scores["zero_vs_absent"]["groups"] == [
+        [int(hits[absent].sum()), int(absent.sum())],
+        [int(hits[~absent].sum()), int((~absent).sum())],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +158,14 @@ def test_pretrain_tower_learns_the_patch_looks():
 def test_every_image_source_trains_and_is_scored(tmp_path, default_size_policy):
     base = tmp_path / "base"
     default_size_policy.save_pretrained(base)
-    for source in VISION_SOURCES:
-        out = tmp_path / f"{source}.json"
+    runs = [(source, "count") for source in VISION_SOURCES] + [("learned", q) for q in QUESTIONS if q != "count"]
+    for source, question in runs:
+        out = tmp_path / f"{source}-{question}.json"
         result = main(
-            ["--vision", source, "--base", str(base), "--steps", "2", "--eval-every", "1", "--eval-items", "8"]
-            + ["--max-new-tokens", "4", "--tower-steps", "2", "--out", str(out)]
+            ["--vision", source, "--question", question, "--base", str(base), "--steps", "2", "--eval-every", "1"]
+            + ["--eval-items", "8", "--max-new-tokens", "4", "--tower-steps", "2", "--out", str(out)]
         )
+        assert result["question"] == question
         assert [row["step"] for row in result["scores"]] == [1, 2]
         last = result["scores"][-1]
         assert 0.0 <= last["exact"] <= 1.0 and np.isfinite(last["loss"])
