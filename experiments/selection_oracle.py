@@ -298,19 +298,22 @@ def fresh_policy(
 
 
 def count_scores(policy: Policy, samples: list[Sample], max_new_tokens: int) -> dict:
-    """Greedy answers' share exactly right (normalised as the count task's verifier does) and the balanced
-    accuracy of answering that the asked colour is absent (0, or "no") against its absence (`meta["count"]` 0)."""
+    """`answer_scores` of the policy's greedy answers to `samples`."""
     was_training = policy.model.training
     policy.model.eval()
     answers = greedy_answers(policy, samples, max_new_tokens)
     policy.model.train(was_training)
+    return answer_scores(samples, answers)
+
+
+def answer_scores(samples: list[Sample], answers: list[str]) -> dict:
+    """The share of `answers` the count task's verifier accepts, and the balanced accuracy of answering that the
+    asked colour is absent (0, or "no") against its absence (`meta["count"]` 0); the first answer as an example."""
     absent = np.array([s.meta["count"] == 0 for s in samples])
-    predictions = [count_reward.parse_prediction(answer) for answer in answers]
-    truths = [count_reward.normalise(count_reward.parse_solution(s.solution)) for s in samples]
-    exact = np.array([p is not None and p == t for p, t in zip(predictions, truths, strict=True)])
-    says_absent = np.array([p is not None and p in (0, "no") for p in predictions])
+    exact = [count_reward.is_success(count_reward.score(a, s.solution)) for a, s in zip(answers, samples, strict=True)]
+    says_absent = np.array([count_reward.parse_prediction(answer) in (0, "no") for answer in answers])
     return {
-        "exact": float(exact.mean()),
+        "exact": float(np.mean(exact)),
         "zero_vs_absent": Accuracy.of(says_absent[absent], ~says_absent[~absent]).as_dict(),
         "example": answers[0],
     }

@@ -19,8 +19,8 @@ from experiments.selection_oracle import (
     VISION_SOURCES,
     MaskVision,
     OracleVision,
+    answer_scores,
     colour_questions,
-    count_scores,
     fresh_policy,
     main,
     palette_masks,
@@ -73,7 +73,7 @@ def test_the_presence_form_asks_each_count_item_whether_its_colour_is_there():
         presence_question(presence[0])
 
 
-def test_scores_read_zero_and_no_as_absent(monkeypatch):
+def test_scores_read_zero_and_no_as_absent():
     samples = list(itertools.islice(colour_questions("retained/count", 0, "presence"), 12))
     absent = np.array([s.meta["count"] == 0 for s in samples])
     assert 0 < absent.sum() < len(samples)
@@ -81,8 +81,7 @@ def test_scores_read_zero_and_no_as_absent(monkeypatch):
     replies[0] = "yes" if absent[0] else "no"  # one wrong answer, then a count answer (never exact)
     replies[1] = "0"
     answers = [f"<think>x</think><answer>\\boxed{{{reply}}}</answer>" for reply in replies]
-    monkeypatch.setattr("experiments.selection_oracle.greedy_answers", lambda policy, items, tokens: answers)
-    scores = count_scores(type("Policy", (), {"model": torch.nn.Linear(1, 1)})(), samples, 8)
+    scores = answer_scores(samples, answers)
     assert scores["exact"] == pytest.approx((len(samples) - 2) / len(samples))
     says_absent = np.array([reply in ("no", "0") for reply in replies])
     hits = says_absent == absent
