@@ -113,12 +113,22 @@ def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     return table.apply(lambda column: column.map((formats.get(column.name, "{:.1f}")).format))
 
 
+def checkpoint_text(results: pd.DataFrame) -> str:
+    """The trials' starting checkpoints, each with its weights' sha256 (`model.weights_sha256`, which the sweep sets
+    for the tiny base model): two reports of one sweep configuration can agree only where these agree, since the
+    tiny base model's bits depend on the CPU that built it (README, "Tiny base model")."""
+    path, digest = "config/model.path", "config/model.weights_sha256"
+    digests = results[digest].fillna("") if digest in results.columns else pd.Series("", index=results.index)
+    pairs = sorted(set(zip(results[path], digests)))
+    return "; ".join(f"{name} (weights sha256 {value or 'not recorded'})" for name, value in pairs)
+
+
 def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFrame, *, n_boot: int = 2000) -> str:
     """The report as markdown: intervals of every default column (`analysis.intervals.default_columns`), paired
     differences to ViSurf, the same columns' estimates at every eval step, the claims, ViSurf against LUFFY and CHORD
     (where the sweep has either) and the budget table. Intervals: 95% percentile bootstrap over distinct eval items
     (stratified by slice) and seeds, paired across variants by item and seed; the header gives each slice's items
-    and, where some repeat, its distinct ones."""
+    and, where some repeat, its distinct ones, and the starting checkpoint (`checkpoint_text`)."""
     columns = default_columns(items)
     boot = bootstrap(items, columns, n_boot=n_boot)
     final = items.loc[items.groupby("trial_id")["step"].transform("max") == items["step"]]
@@ -129,6 +139,7 @@ def sweep_report(results: pd.DataFrame, history: pd.DataFrame, items: pd.DataFra
     seeds = sorted(items["seed"].unique().tolist())
     parts = [
         f"{items['trial_id'].nunique()} trials, seeds {seeds}; eval items per slice: {sizes_text}.",
+        f"Starting checkpoint: {checkpoint_text(results)}.",
         "Cells: final-step estimate (mean over seeds) [95% bootstrap interval over items and seeds]; `*_change`: "
         "final − step 0 on the same items (retained sets: forgetting).",
         "\n## Scores\n",

@@ -48,6 +48,9 @@ def print_report(report: dict) -> None:
         )
     )
     print(f"pretraining {report['train_seconds']:.0f} s, evaluation {report['eval_seconds']:.0f} s")
+    if "weights_sha256" in report:  # reports of builds before the fields were added lack them
+        built = ", ".join(f"{key} {value}" for key, value in report["numerics"].items())
+        print(f"weights sha256 {report['weights_sha256']} (built with {built})")
 
 
 def spec_with(spec: TinyVLMSpec, overrides: list[str]) -> TinyVLMSpec:

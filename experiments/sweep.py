@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import signal
 import sys
@@ -163,9 +164,13 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
     started, memory = time.perf_counter(), MemoryWatch()
     base = load_config(sweep.experiment, [f"{k}={v}" for k, v in sweep.overrides.items()])
     if base.model.path == TINY_BASE_MODEL:
-        from visurf_ray.train.pretrain import ensure_base_model
+        from visurf_ray.train.pretrain import ensure_base_model, weights_sha256
 
-        print(f"tiny base model: {ensure_base_model()}", flush=True)
+        folder = ensure_base_model()
+        digest = base.model.weights_sha256 or weights_sha256(folder)
+        print(f"tiny base model: {folder} (weights sha256 {digest})", flush=True)
+        # every trial checks that its node built these bits (a CPU that rounds otherwise builds another model)
+        sweep = dataclasses.replace(sweep, overrides={**sweep.overrides, "model.weights_sha256": digest})
     storage = storage_location(sweep, ROOT)
     if is_uri(storage):  # a bucket is shared by every node: check that it is there and writable
         check_storage_uri(storage)

@@ -54,6 +54,7 @@ def test_overrides_are_typed_and_nested():
         ("objective.smothing=true", "objective.smothing"),
         ("data.prompts_per_step=3", "data.prompts_per_step"),
         ("log_to=screen", "log_to"),
+        ("model.weights_sha256=85e64743", "model.weights_sha256"),
     ],
 )
 def test_bad_values_name_their_field(override, field):

@@ -137,7 +137,13 @@ def test_sweep_report_prints_intervals_paired_differences_claims_and_budgets(tmp
     history = load_history(tmp_path)
     items = load_items(tmp_path)
     items["content"] = items["item_id"].where(items["slice"] != "empty_image", "background")  # one repeated item
-    report = sweep_report(load_results(tmp_path), history, items, n_boot=200)
+    results = load_results(tmp_path)
+    assert "Starting checkpoint: tiny-base (weights sha256 not recorded)." in sweep_report(
+        results, history, items, n_boot=20
+    )
+    results["config/model.weights_sha256"] = "ab" * 32  # as the sweep records the tiny base model it built
+    report = sweep_report(results, history, items, n_boot=200)
+    assert f"Starting checkpoint: tiny-base (weights sha256 {'ab' * 32})." in report
     sections = ("## Scores", "## ViSurf − X", "## By eval step", "## log π(`[]`) by eval step", "## The paper's claims")
     sections += ("## ViSurf vs its single-",)
     for section in (*sections, "## What each variant was given"):

@@ -232,7 +232,7 @@ def test_grouped_update_equals_one_batch_update_and_fits_a_fixed_batch(small_pol
 
 def test_pretrain_smoke_run_caches_once_under_concurrent_calls(tmp_path, tiny_config):
     from visurf_ray.models import load_policy
-    from visurf_ray.train.pretrain import REPORT_FILE, base_model_dir, ensure_base_model
+    from visurf_ray.train.pretrain import REPORT_FILE, base_model_dir, ensure_base_model, weights_sha256
 
     cfg = tiny_config()
     lines: list[str] = []
@@ -253,6 +253,8 @@ def test_pretrain_smoke_run_caches_once_under_concurrent_calls(tmp_path, tiny_co
 
     report = json.loads((folders[0] / REPORT_FILE).read_text())
     assert report["config"]["steps"] == cfg.steps and report["train_seconds"] > 0
+    assert report["weights_sha256"] == weights_sha256(folders[0]) and len(report["weights_sha256"]) == 64
+    assert set(report["numerics"]) == {"torch", "cpu_capability", "cpu", "machine"} and all(report["numerics"].values())
     scores = report["scores"]
     for name in ("grounding", "gui_point", "anomaly", "count", "no_object"):
         assert 0.0 <= scores[f"eval/{name}/score"] <= 1.0
@@ -279,6 +281,23 @@ def test_training_is_deterministic_for_a_seed(tiny_config):
         assert torch.equal(a, b)
     other = train_base(replace(cfg, seed=1), log=lambda line: None)
     assert not all(torch.equal(a, b) for a, b in zip(first.model.parameters(), other.model.parameters()))
+
+
+def test_weights_digest_tells_bit_identical_models_apart(tmp_path, small_policy_dir):
+    import shutil
+
+    from visurf_ray.train.pretrain import weights_sha256
+    from visurf_ray.validation import ValidationError
+
+    copy = Path(shutil.copytree(small_policy_dir, tmp_path / "copy"))
+    assert weights_sha256(copy) == weights_sha256(small_policy_dir)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    assert weights_sha256(copy) != weights_sha256(small_policy_dir)
+    with pytest.raises(ValidationError, match="has no weight files"):
+        weights_sha256(tmp_path)
 
 
 def test_a_killed_build_leaves_no_model_and_releases_the_lock(tmp_path, tiny_config):
@@ -334,3 +353,25 @@ def test_default_base_model_has_partial_competence(tmp_path):
     assert scores["eval/no_object/n_acc"] <= 0.02 and scores["eval/no_object/n_acc_empty_image"] <= 0.02
     assert 0.2 <= scores["eval/grounding/iou50"] <= 0.7
     assert scores["rollout/mixed"] > 0
+
+
+def test_a_checkpoint_with_other_weights_than_the_config_names_stops_with_both_digests(tmp_path, small_policy_dir):
+    """`model.weights_sha256` (the sweep sets the driver's tiny base model's): a node whose weights differ stops."""
+    import shutil
+
+    from visurf_ray.config import ConfigError, ModelConfig
+    from visurf_ray.train.models import model_dir
+    from visurf_ray.train.pretrain import weights_sha256
+
+    digest = weights_sha256(small_policy_dir)
+    assert model_dir(ModelConfig(path=str(small_policy_dir), weights_sha256=digest)) == small_policy_dir
+    assert model_dir(ModelConfig(path=str(small_policy_dir))) == small_policy_dir
+    other = Path(shutil.copytree(small_policy_dir, tmp_path / "other"))
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(
+        ConfigError, match=f"model.weights_sha256: the weights in {other} .* {weights_sha256(other)}, not {digest}"
+    ):
+        model_dir(ModelConfig(path=str(other), weights_sha256=digest))

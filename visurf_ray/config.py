@@ -7,6 +7,7 @@ Each component has a dataclass; `ExperimentConfig` nests them. Unknown keys, wro
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -32,11 +33,20 @@ class ModelConfig:
     path: str = TINY_BASE_MODEL  # a local checkpoint folder, or "tiny-base"
     dtype: str = "auto"  # auto: bf16 on CUDA, float32 on CPU
     gradient_checkpointing: bool = False
+    # sha256 the checkpoint's weight files must have (`visurf_ray.train.pretrain.weights_sha256`), or "" for any: the
+    # sweep sets the driver's tiny base model's, so trials on a node whose CPU builds other bits stop with an error
+    weights_sha256: str = ""
 
     def __post_init__(self):
         check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"), error=ConfigError)
         require(
             self.path, "model.path", f"must be a checkpoint folder or 'tiny-base', got {self.path!r}", error=ConfigError
+        )
+        require(
+            self.weights_sha256 == "" or re.fullmatch(r"[0-9a-f]{64}", self.weights_sha256) is not None,
+            "model.weights_sha256",
+            f"must be 64 lowercase hex digits or empty, got {self.weights_sha256!r}",
+            error=ConfigError,
         )
 
 

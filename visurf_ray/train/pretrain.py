@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -362,7 +363,8 @@ def pretrain_base(
     scores (see `evaluate_base`, run on the same device).
 
     `out_dir` receives the policy (`Policy.save_pretrained`, loadable with `load_policy`) and, last,
-    `pretrain_report.json`: {"config", "recipe_version", "device", "train_seconds", "eval_seconds", "scores"}.
+    `pretrain_report.json`: {"config", "recipe_version", "device", "numerics" (`numerics()` of the building machine),
+    "weights_sha256" (`weights_sha256(out_dir)`), "train_seconds", "eval_seconds", "scores"}.
     """
     out_dir = Path(out_dir)
     start = time.perf_counter()
@@ -377,12 +379,51 @@ def pretrain_base(
         "config": asdict(cfg),
         "recipe_version": RECIPE_VERSION,
         "device": str(policy.device),
+        "numerics": numerics(),
+        "weights_sha256": weights_sha256(out_dir),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "scores": scores,
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return scores
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 (hex) of the weight files in `folder` (every `*.safetensors` and `*.bin`, shards included, their bytes
+    in name order): equal for bit-identical models."""
+    files = sorted(path for pattern in ("*.safetensors", "*.bin") for path in Path(folder).glob(pattern))
+    require(files, f"policy folder {folder}", "has no weight files (*.safetensors, *.bin)")
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as weights:
+            for block in iter(lambda: weights.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def numerics() -> dict[str, str]:
+    """What besides the recipe decides a CPU build's float rounding, and so its bits: torch's version, the instruction
+    set of its CPU kernels (ATen's CPU capability), the CPU model and the architecture. Builds of one recipe that
+    differ here may differ in every weight and in their scores (README, "Tiny base model")."""
+    cpu = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux: the first core's name, vendor, family and model (a VM's name may be generic)
+        fields: dict[str, str] = {}
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            cpu = (
+                f"{fields['model name']} ({fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+                f"model {fields.get('model', '?')})"
+            )
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu,
+        "machine": platform.machine(),
+    }
 
 
 def default_cache_root() -> Path:
