@@ -283,6 +283,14 @@ def test_training_is_deterministic_for_a_seed(tiny_config):
     assert not all(torch.equal(a, b) for a, b in zip(first.model.parameters(), other.model.parameters()))
 
 
+def flip_last_weight_bit(folder: Path) -> None:
+    """Change one bit of the last weight in `folder/model.safetensors` (size kept; a new modification time)."""
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+
+
 def test_weights_digest_tells_bit_identical_models_apart(tmp_path, small_policy_dir):
     import shutil
 
@@ -291,10 +299,7 @@ def test_weights_digest_tells_bit_identical_models_apart(tmp_path, small_policy_
 
     copy = Path(shutil.copytree(small_policy_dir, tmp_path / "copy"))
     assert weights_sha256(copy) == weights_sha256(small_policy_dir)
-    weights = copy / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1  # one bit of the last weight
-    weights.write_bytes(bytes(data))
+    flip_last_weight_bit(copy)
     assert weights_sha256(copy) != weights_sha256(small_policy_dir)
     with pytest.raises(ValidationError, match="has no weight files"):
         weights_sha256(tmp_path)
@@ -367,10 +372,7 @@ def test_a_checkpoint_with_other_weights_than_the_config_names_stops_with_both_d
     assert model_dir(ModelConfig(path=str(small_policy_dir), weights_sha256=digest)) == small_policy_dir
     assert model_dir(ModelConfig(path=str(small_policy_dir))) == small_policy_dir
     other = Path(shutil.copytree(small_policy_dir, tmp_path / "other"))
-    weights = other / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_last_weight_bit(other)
     with pytest.raises(
         ConfigError, match=f"model.weights_sha256: the weights in {other} .* {weights_sha256(other)}, not {digest}"
     ):

@@ -391,11 +391,17 @@ def pretrain_base(
 
 def weights_sha256(folder: Path) -> str:
     """sha256 (hex) of the weight files in `folder` (every `*.safetensors` and `*.bin`, shards included, their bytes
-    in name order): equal for bit-identical models."""
+    in name order): equal for bit-identical models. Read once per process while the files' sizes and modification
+    times stay the same (a trial checks its checkpoint more than once)."""
     files = sorted(path for pattern in ("*.safetensors", "*.bin") for path in Path(folder).glob(pattern))
     require(files, f"policy folder {folder}", "has no weight files (*.safetensors, *.bin)")
+    return _files_sha256(tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in files:
+    for path, _, _ in files:
         with open(path, "rb") as weights:
             for block in iter(lambda: weights.read(1 << 20), b""):
                 digest.update(block)
