@@ -74,14 +74,17 @@ def connect_ray() -> str:
 
     import ray
 
+    from visurf_ray.numerics import ray_env_vars
+
+    env = {"env_vars": ray_env_vars()}  # every trial's kernels pinned as the driver's (visurf_ray.numerics)
     if os.environ.get("RAY_ADDRESS") == "local":
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, runtime_env=env)
         return "started a local Ray cluster on 127.0.0.1"
     try:
-        ray.init(address="auto", log_to_driver=False)
+        ray.init(address="auto", log_to_driver=False, runtime_env=env)
         return "joined the running Ray cluster"
     except ConnectionError:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False, runtime_env=env)
         return "started a local Ray cluster on 127.0.0.1"
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from visurf_ray.config import ExperimentConfig, check_paths, config_from_dict
+from visurf_ray.numerics import PINNED_CPU_NUMERICS, ray_env_vars
 from visurf_ray.train.loop import LocalSession, run_training
 from visurf_ray.train.sinks import RunIdentity
 
@@ -69,7 +70,7 @@ def torch_trainer(cfg: ExperimentConfig, *, callbacks: list | None = None, stora
     resources = {"CPU": cfg.ray.cpus_per_worker}
     env = {
         k: os.environ[k]
-        for k in ("TORCH_EXTENSIONS_DIR", "VISURF_CACHE", "DS_ACCELERATOR", "WANDB_MODE")
+        for k in ("TORCH_EXTENSIONS_DIR", "VISURF_CACHE", "DS_ACCELERATOR", "WANDB_MODE", *PINNED_CPU_NUMERICS)
         if k in os.environ
     }
     return TorchTrainer(
@@ -98,10 +99,11 @@ def init_ray(address: str = "") -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS", "")
+    env = {"env_vars": ray_env_vars()}  # the workers' kernels pinned as this process's (visurf_ray.numerics)
     if target and target != "local":
-        ray.init(address=target, log_to_driver=True)
+        ray.init(address=target, log_to_driver=True, runtime_env=env)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True, runtime_env=env)
 
 
 def launch(cfg: ExperimentConfig) -> dict[str, float]:

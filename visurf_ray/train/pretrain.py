@@ -48,6 +48,7 @@ from visurf_ray.models import (
     encode_sequences,
     generate,
 )
+from visurf_ray.numerics import PINNED_CPU_NUMERICS
 from visurf_ray.objectives import sft_loss
 from visurf_ray.rewards import get_task, score
 from visurf_ray.rewards.grounding import mask_overlap
@@ -56,7 +57,7 @@ from visurf_ray.train.evaluate import evaluate, greedy_answers
 from visurf_ray.train.step import length_groups
 from visurf_ray.validation import check_choice, check_int, check_number, check_type, require
 
-RECIPE_VERSION = 6
+RECIPE_VERSION = 7
 """Part of the cache key: bump it when the training code changes what a given PretrainConfig produces."""
 DATA_FINGERPRINT_ITEMS = 256
 """Pretraining items whose content (question, pixels, target text) is part of the cache key: a change to the
@@ -261,7 +262,12 @@ def train_base(
     try:
         policy = untrained_policy(cfg, device)
         model = policy.model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.lr_at(0),
+            weight_decay=cfg.weight_decay,
+            fused=True,  # visurf_ray.numerics
+        )
         start, losses = time.perf_counter(), []
         for step, batch in enumerate(training_batches(cfg)):
             for group in optimizer.param_groups:
@@ -410,8 +416,9 @@ def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
 
 def numerics() -> dict[str, str]:
     """What besides the recipe decides a CPU build's float rounding, and so its bits: torch's version, the instruction
-    set of its CPU kernels (ATen's CPU capability), the CPU model and the architecture. Builds of one recipe that
-    differ here may differ in every weight and in their scores (README, "Tiny base model")."""
+    set of its CPU kernels (ATen's CPU capability), the kernel switches of `visurf_ray.numerics` as this process has
+    them ("" = unset), the CPU model and the architecture. Builds of one recipe that differ in the first three may
+    differ in every weight and in their scores (README, "Tiny base model")."""
     cpu = platform.processor() or "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():  # Linux: the first core's name, vendor, family and model (a VM's name may be generic)
@@ -427,6 +434,7 @@ def numerics() -> dict[str, str]:
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{key: os.environ.get(key, "") for key in PINNED_CPU_NUMERICS},
         "cpu": cpu,
         "machine": platform.machine(),
     }
