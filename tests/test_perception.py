@@ -232,8 +232,8 @@ ABSENCE_NOT_SEEN = (
 @pytest.mark.parametrize(
     "concept",
     [
-        "anomaly",  # a linear probe on the image tokens tells clean from defective textures (0.847 ± 0.027)
-        "empty_image",  # "How many shapes are there?": 0 on the empty image, not 0 beside it (0.973 ± 0.013)
+        "anomaly",  # a linear probe on the image tokens tells clean from defective textures (recipe 7: 0.845 ± 0.027)
+        "empty_image",  # "How many shapes are there?": 0 on the empty image, not 0 beside it (recipe 7: 1.000)
         pytest.param("no_object", marks=pytest.mark.xfail(strict=True, reason=ABSENCE_NOT_SEEN)),
     ],
 )
