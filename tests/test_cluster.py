@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from visurf_ray.config import ConfigError
+from visurf_ray.numerics import PINNED_CPU_NUMERICS, ray_env_vars
 from visurf_ray.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +93,8 @@ class LocalCluster:
         head_ports = _free_ports(9)
         self.gcs_port, self.dashboard_port = head_ports[:2]
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {
-            **{name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"},  # conftest's "local"
+        self.env = {  # without conftest's RAY_ADDRESS "local" and the kernel switches, as a shell's `ray start`
+            **{name: value for name, value in os.environ.items() if name not in ("RAY_ADDRESS", *PINNED_CPU_NUMERICS)},
             "PATH": f"{RAY.parent}{os.pathsep}{os.environ['PATH']}",
             "RAY_JOB_STOP_WAIT_TIME_S": "60",  # `ray job stop`: time for the sweep to save its state after SIGTERM
         }
@@ -198,6 +199,34 @@ def _trial_reports(experiment: Path) -> dict[str, list[dict]]:
             if rows:
                 reports[result.parent.name] = rows
     return reports
+
+
+@pytest.mark.ray
+def test_workers_of_a_joined_cluster_start_with_the_drivers_kernel_switches():
+    """Nodes started without the switches (`ray start` from a shell): a driver that joins them (`init_ray`, as the
+    sweep's `connect_ray`) gives its workers its own switches from their start (/proc/self/environ: the environment
+    the worker process began with, before any `import visurf_ray` of its own)."""
+    import ray
+
+    from visurf_ray.train.launcher import init_ray
+
+    @ray.remote(num_cpus=1)
+    def initial_switches() -> dict[str, str]:
+        with open("/proc/self/environ") as environ:
+            pairs = (entry.split("=", 1) for entry in environ.read().split("\0") if "=" in entry)
+            return {key: value for key, value in pairs if key in PINNED_CPU_NUMERICS}
+
+    cluster_dir = Path(f"/tmp/visurf-switches-{os.getpid()}")  # short: Ray's socket paths must fit 107 bytes
+    cluster = None
+    try:
+        cluster = LocalCluster(cluster_dir, workers=1)
+        init_ray(f"127.0.0.1:{cluster.gcs_port}")
+        assert ray.get(initial_switches.remote(), timeout=120) == ray_env_vars()
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.kill()
+        shutil.rmtree(cluster_dir, ignore_errors=True)
 
 
 @pytest.mark.ray
