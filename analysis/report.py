@@ -92,7 +92,10 @@ def _step_labels(table: pd.DataFrame) -> pd.DataFrame:
 
 def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     """Per variant (mean over its trials): optimizer steps, prompts seen, tokens generated in rollouts, training and
-    evaluation wall time (seconds, from each trial's last report) and evaluation's share of the two."""
+    evaluation wall time (seconds, from each trial's last report), evaluation's share of the two, and — when the
+    history has `step_cpu_time` — the trials' CPU seconds per wall second of training steps ("CPU/wall": ≈ the
+    threads a trial uses when it has its cores alone, less when other work shared them, so wall times compare only
+    between variants whose CPU/wall agree)."""
     last = history.sort_values("step").groupby("trial_id").tail(1)
     per_trial = pd.DataFrame(
         {
@@ -106,10 +109,19 @@ def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     )
     table = per_trial.groupby("variant").mean()
     table["eval share"] = table["eval s"] / (table["train s"] + table["eval s"])
+    if "step_cpu_time" in history.columns:
+        sums = history.groupby(["variant", "trial_id"])[["step_cpu_time", "step_time"]].sum()
+        table["CPU/wall"] = (sums["step_cpu_time"] / sums["step_time"]).groupby("variant").mean()
     paradigm_of = dict(zip(results["variant"], results["paradigm"]))
     table = table.loc[variant_order(table.index, paradigm_of)]
     table.index.name = "variant (mean over seeds)"
-    formats = {"optimizer steps": "{:.0f}", "prompts": "{:.0f}", "rollout tokens": "{:.0f}", "eval share": "{:.0%}"}
+    formats = {
+        "optimizer steps": "{:.0f}",
+        "prompts": "{:.0f}",
+        "rollout tokens": "{:.0f}",
+        "eval share": "{:.0%}",
+        "CPU/wall": "{:.2f}",
+    }
     return table.apply(lambda column: column.map((formats.get(column.name, "{:.1f}")).format))
 
 

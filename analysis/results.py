@@ -75,8 +75,8 @@ def tidy_trial(
 def tidy_history(trial_id: str, variant: str, seed: int, history: pd.DataFrame) -> pd.DataFrame:
     """A trial's per-step reports (Tune's metrics dataframe) reduced to step, prompts seen, time, training curves and
     the latest evaluation's metrics (`eval/...`, with `eval_step` saying which step it evaluated)."""
-    keep = ["step", "prompts_seen", "generated_tokens", "step_time", "generated_tokens_total", "train_time_total"]
-    keep += ["eval_time_total"]
+    keep = ["step", "prompts_seen", "generated_tokens", "step_time", "step_cpu_time", "generated_tokens_total"]
+    keep += ["train_time_total", "eval_time_total"]
     keep += [*CURVES, "lr", "loss", "entropy", "eval_step"]
     keep += [c for c in history.columns if c.startswith("eval/") and c not in keep]
     frame = history[[c for c in keep if c in history.columns]].copy()

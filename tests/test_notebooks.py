@@ -176,3 +176,32 @@ def test_report_command_rewrites_a_sweeps_summary_from_its_tables(tmp_path, caps
     assert sorted(path.name for path in folder.iterdir() if path.name.startswith(".")) == []  # no temporary left
     with pytest.raises(FileNotFoundError, match="results.parquet"):
         main([str(tmp_path / "missing")])
+
+
+def test_budget_table_gives_each_variants_cpu_seconds_per_wall_second_when_recorded():
+    from analysis.report import budget_table
+
+    def trial(trial_id, variant, step_time, step_cpu_time):
+        return pd.DataFrame(
+            {
+                "trial_id": trial_id,
+                "variant": variant,
+                "step": [1.0, 2.0],
+                "prompts_seen": [8.0, 16.0],
+                "generated_tokens_total": [5.0, 10.0],
+                "train_time_total": [step_time, 2 * step_time],
+                "eval_time_total": 1.0,
+                "step_time": step_time,
+                "step_cpu_time": step_cpu_time,
+            }
+        )
+
+    history = pd.concat(
+        [trial("a", "RLVR", 2.0, 1.0), trial("b", "RLVR", 2.0, 2.0), trial("c", "ViSurf", 1.0, 1.0)],
+        ignore_index=True,
+    )
+    results = pd.DataFrame({"variant": ["RLVR", "ViSurf"], "paradigm": ["rlvr", "visurf"]})
+    table = budget_table(results, history)
+    assert table["CPU/wall"].tolist() == ["0.75", "1.00"]  # RLVR: one trial had half a core (0.5), one a whole
+    assert table["train s"].tolist() == ["4.0", "2.0"] and table["eval share"].tolist() == ["20%", "33%"]
+    assert "CPU/wall" not in budget_table(results, history.drop(columns="step_cpu_time"))  # older sweeps' tables

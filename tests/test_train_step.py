@@ -155,6 +155,7 @@ def test_each_paradigm_updates_the_policy_with_its_members(small_policy_dir, par
     objective = ObjectiveConfig(paradigm=paradigm, num_rollouts=3)
     metrics = run_step(policy, backend, objective, make_split("posttrain", 2, seed=1))
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    assert 0 < metrics["step_cpu_time"] and 0 < metrics["step_time"]
     changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, policy.model.parameters()))
     assert changed > 0
     has_label = paradigm != "rlvr"

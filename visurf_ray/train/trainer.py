@@ -147,9 +147,13 @@ class Trainer:
         if index in self.stage_starts[1:]:
             self.engine.reset_optimizer_state()
         stage = self.paradigm.for_step(index, self.total_steps, self.objective)
+        cpu_started = time.process_time()
         batch = self.collect(samples, stage, seed)
         metrics = {**self.update(batch, stage), **batch.metrics}
         metrics["step_time"] = metrics["time/rollout"] + metrics["time/reward"] + metrics["time/update"]
+        # this process's CPU seconds (all its threads) in the step: below step_time × threads when others share the
+        # cores, so a report can tell a contended trial's wall times apart
+        metrics["step_cpu_time"] = time.process_time() - cpu_started
         self.backend.sync_weights(self.engine.module)
         return metrics
 
