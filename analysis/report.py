@@ -110,7 +110,8 @@ def budget_table(results: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
     table = per_trial.groupby("variant").mean()
     table["eval share"] = table["eval s"] / (table["train s"] + table["eval s"])
     if "step_cpu_time" in history.columns:
-        sums = history.groupby(["variant", "trial_id"])[["step_cpu_time", "step_time"]].sum()
+        timed = history[history["step_cpu_time"].notna()]  # trials run before the metric existed have none
+        sums = timed.groupby(["variant", "trial_id"])[["step_cpu_time", "step_time"]].sum()
         table["CPU/wall"] = (sums["step_cpu_time"] / sums["step_time"]).groupby("variant").mean()
     paradigm_of = dict(zip(results["variant"], results["paradigm"]))
     table = table.loc[variant_order(table.index, paradigm_of)]

@@ -205,3 +205,5 @@ def test_budget_table_gives_each_variants_cpu_seconds_per_wall_second_when_recor
     assert table["CPU/wall"].tolist() == ["0.75", "1.00"]  # RLVR: one trial had half a core (0.5), one a whole
     assert table["train s"].tolist() == ["4.0", "2.0"] and table["eval share"].tolist() == ["20%", "33%"]
     assert "CPU/wall" not in budget_table(results, history.drop(columns="step_cpu_time"))  # older sweeps' tables
+    history.loc[history["trial_id"] == "c", "step_cpu_time"] = np.nan  # a trial run before the metric existed
+    assert budget_table(results, history)["CPU/wall"].tolist() == ["0.75", "nan"]
