@@ -6,7 +6,8 @@
 
 Joins a running Ray cluster when there is one (RAY_ADDRESS or `ray start`), else starts a local one on 127.0.0.1.
 Ctrl-C or SIGTERM stops the trials (their loggers closed), saves the sweep's state and exits with 128 + the signal;
-re-running the same command resumes the sweep (finished trials are kept); `--fresh` starts over.
+re-running the same command resumes the sweep (finished trials are kept); `--fresh` starts over; `--report` writes
+the tables and report of a stopped sweep's finished trials (those that reached their last step) without running any.
 Writes Tune's experiment folder under runs/sweeps/<name>/ (`storage_dir`, a folder or a URI such as s3://bucket/prefix;
 per trial `train/`: evaluation rows, TensorBoard, wandb) and results/<name>/: results, history and items
 {csv,parquet}, summary.md (re-written from the tables by `python -m analysis.report results/<name>`), curves.png,
@@ -134,12 +135,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", default=str(DEFAULT_SWEEP), help="sweep YAML")
     parser.add_argument("--fresh", action="store_true", help="discard an earlier run of this sweep and start over")
+    parser.add_argument("--report", action="store_true", help="report a stopped sweep's finished trials; runs no trial")
     parser.add_argument("overrides", nargs="*", help="sweep keys (seeds=[0]) or experiment.<key>=value")
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep, args.overrides)
     except ConfigError as error:
         parser.error(str(error))
+    if args.report:
+        if args.fresh:
+            parser.error("--report reads the sweep's saved state; --fresh would discard it")
+        return report_finished(sweep)
     with Interrupts() as interrupts:
         try:
             return run_sweep(sweep, fresh=args.fresh, interrupts=interrupts)
@@ -157,23 +163,72 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(interrupts.exit_code)
 
 
-def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
-    """Run (or resume) `sweep`, then write its tables, report and plots; KeyboardInterrupt if interrupted."""
+def with_base_model_digest(sweep):
+    """`sweep` with `model.weights_sha256` set to the tiny base model's (built first if need be) when its trials
+    start from it: every trial checks that its node built these bits (a CPU that rounds otherwise builds another
+    model), and the report names them."""
+    from visurf_ray.config import TINY_BASE_MODEL, load_config
+
+    base = load_config(sweep.experiment, [f"{k}={v}" for k, v in sweep.overrides.items()])
+    if base.model.path != TINY_BASE_MODEL:
+        return sweep
+    from visurf_ray.train.pretrain import ensure_base_model, weights_sha256
+
+    folder = ensure_base_model()
+    digest = base.model.weights_sha256 or weights_sha256(folder)
+    print(f"tiny base model: {folder} (weights sha256 {digest})", flush=True)
+    return dataclasses.replace(sweep, overrides={**sweep.overrides, "model.weights_sha256": digest})
+
+
+def write_outputs(sweep, tables: dict) -> tuple[Path, str]:
+    """Write `tables` (`collect`'s), the report and the plots into results/<name>/; returns (that folder, report)."""
     from analysis.report import write_summary
     from analysis.results import plot_curves, plot_task_bars, write_tables
-    from visurf_ray.config import TINY_BASE_MODEL, load_config
+
+    out_dir = (ROOT / sweep.output_dir / sweep.name).resolve()
+    write_tables(tables, out_dir)
+    report = write_summary(out_dir)
+    plot_curves(tables["history"], out_dir / "curves.png")
+    plot_task_bars(tables["results"], out_dir / "tasks.png")
+    return out_dir, report
+
+
+def report_finished(sweep) -> Path:
+    """Tables, report and plots of a stopped sweep's finished trials — those whose last report is their config's
+    last step — from its saved Tune state, into results/<name>/; runs no trial. The report's header counts the
+    trials it covers."""
+    import ray
+
+    from visurf_ray.sweep import build_tuner
+
+    sweep = with_base_model_digest(sweep)
+    storage = storage_location(sweep, ROOT)
+    print(connect_ray(), flush=True)
+    try:
+        grid = build_tuner(sweep, storage, restore=True).get_results()
+        finished = [
+            result
+            for result in grid
+            if result.error is None
+            and result.metrics
+            and result.config
+            and int(result.metrics.get("step", 0)) == sweep.trial_config(result.config).steps
+        ]
+        if not finished:
+            raise SystemExit(f"no trial of {sweep.name} has finished yet ({len(grid)} started)")
+        out_dir, report = write_outputs(sweep, collect(sweep, finished))
+    finally:
+        ray.shutdown()
+    print(f"\n{report}\n{len(finished)} of {len(grid)} trials finished; results: {out_dir}")
+    return out_dir
+
+
+def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
+    """Run (or resume) `sweep`, then write its tables, report and plots; KeyboardInterrupt if interrupted."""
     from visurf_ray.sweep import StopFlag, build_tuner, check_shared_storage, check_storage_uri, delete_storage, is_uri
 
     started, memory = time.perf_counter(), MemoryWatch()
-    base = load_config(sweep.experiment, [f"{k}={v}" for k, v in sweep.overrides.items()])
-    if base.model.path == TINY_BASE_MODEL:
-        from visurf_ray.train.pretrain import ensure_base_model, weights_sha256
-
-        folder = ensure_base_model()
-        digest = base.model.weights_sha256 or weights_sha256(folder)
-        print(f"tiny base model: {folder} (weights sha256 {digest})", flush=True)
-        # every trial checks that its node built these bits (a CPU that rounds otherwise builds another model)
-        sweep = dataclasses.replace(sweep, overrides={**sweep.overrides, "model.weights_sha256": digest})
+    sweep = with_base_model_digest(sweep)
     storage = storage_location(sweep, ROOT)
     if is_uri(storage):  # a bucket is shared by every node: check that it is there and writable
         check_storage_uri(storage)
@@ -190,16 +245,11 @@ def run_sweep(sweep, *, fresh: bool, interrupts: Interrupts) -> Path:
     errors = [r for r in result_grid if r.error is not None]
 
     tables = collect(sweep, result_grid)
-    results, history = tables["results"], tables["history"]
-    out_dir = (ROOT / sweep.output_dir / sweep.name).resolve()
-    write_tables(tables, out_dir)
-    report = write_summary(out_dir)
-    plot_curves(history, out_dir / "curves.png")
-    plot_task_bars(results, out_dir / "tasks.png")
+    out_dir, report = write_outputs(sweep, tables)
     wall, peak = time.perf_counter() - started, memory.stop()
     print(f"\n{report}")
     print(
-        f"{len(results['trial_id'].unique())} trials, {len(errors)} failed; wall {wall / 60:.1f} min, "
+        f"{len(tables['results']['trial_id'].unique())} trials, {len(errors)} failed; wall {wall / 60:.1f} min, "
         f"peak memory {peak / 2**30:.2f} GiB (PSS of the sweep's processes)"
     )
     experiment = storage_join(storage, sweep.name)

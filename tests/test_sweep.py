@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -143,6 +144,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(small_sweep
             os.killpg(process.pid, signal.SIGKILL)
     assert first and len(first) < 3, "the interrupt came too late to leave unfinished trials"
     stamps = {t: (experiment / t / "result.json").stat().st_mtime_ns for t in first}
+
+    # the stopped sweep's report covers its finished trials only, and runs nothing
+    finished = _finished_trials(experiment)
+    report = subprocess.run([*args[:2], "--report", *args[2:]], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    assert f"{len(finished)} of " in report.stdout and _finished_trials(experiment) == finished
+    summary = (tmp_path / "results" / name / "summary.md").read_text()
+    assert f"{len(finished)} trials, seeds [0]" in summary
+    assert set(pd.read_parquet(tmp_path / "results" / name / "results.parquet")["trial_id"]) == finished
 
     resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
